@@ -1,0 +1,50 @@
+"""The `ctrstream` command. Each subcommand lives in its own module, which exposes
+``register(subparsers)``; the parser it adds sets ``func(args, cfg) -> int``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from flows.config import ConfigError, load_config
+
+# Modules that add subcommands, in the order `--help` lists them.
+COMMAND_MODULES = ["flows.stack", "flows.produce", "flows.run"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ctrstream",
+        description="Streaming features and online learning for CTR prediction.",
+    )
+    parser.add_argument("--config", metavar="FILE",
+                        help="TOML config file (default: $CTRSTREAM_CONFIG or ./ctrstream.toml)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"ctrstream: config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return int(args.func(args, cfg) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

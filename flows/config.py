@@ -1,0 +1,263 @@
+"""One settings object for every tunable.
+
+Precedence: defaults < TOML file < environment variables. The file is the one passed
+explicitly, else ``$CTRSTREAM_CONFIG``, else ``ctrstream.toml`` in the working directory if it
+exists. Environment variables are ``CTRSTREAM_<SECTION>__<KEY>`` (``CTRSTREAM_JOIN__WAIT_WINDOW_MS``)
+or ``CTRSTREAM_<KEY>`` for top-level keys (``CTRSTREAM_DATA_DIR``). Unknown keys and bad values
+are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import orjson
+
+ENV_PREFIX = "CTRSTREAM_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or out of range; the message names the key."""
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    bootstrap_servers: str = "127.0.0.1:19092"
+    # Impressions and clicks must share partition count and key so a join needs no shuffle.
+    partitions: int = 4
+    replication_factor: int = 1
+    impressions_topic: str = "impressions"
+    clicks_topic: str = "clicks"
+    examples_topic: str = "examples"
+    dead_letters_topic: str = "dead-letters"
+    # Passed through to every confluent-kafka client (security.protocol, sasl.*, ssl.*, ...).
+    client: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str = "redis://127.0.0.1:16379/0"
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """The embedded local stack (`ctrstream stack up`)."""
+
+    state_dir: str = ".ctrstream/stack"
+    kafka_port: int = 19092
+    redis_port: int = 16379
+    start_timeout_s: float = 20.0
+
+
+@dataclass(frozen=True)
+class JoinConfig:
+    wait_window_ms: int = 15 * 60_000
+    # A click that arrives before its impression is held until the watermark passes
+    # click_ts + early_click_hold_ms, then it is an orphan.
+    early_click_hold_ms: int = 5 * 60_000
+    # Closed impressions are remembered this long so a late click is told from an orphan.
+    late_click_horizon_ms: int = 60 * 60_000
+    # A stream silent this long (wall clock) no longer holds the watermark back.
+    idle_timeout_s: float = 30.0
+    capacity: int = 5_000_000
+    held_clicks_capacity: int = 100_000
+    max_future_ms: int = 60 * 60_000
+    max_past_ms: int = 30 * 86_400_000
+    batch_size: int = 1000
+    log_interval_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """Join-health monitor: when to quarantine the labeled stream."""
+
+    # Click stream silent (or lagging) this long in event time while impressions flow.
+    max_click_lag_ms: int = 120_000
+    # Short-window labeled CTR below this fraction of the long-run baseline is a collapse.
+    ctr_collapse_ratio: float = 0.3
+    window_examples: int = 2000
+    min_expected_clicks: float = 20.0
+    baseline_halflife_examples: int = 50_000
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    windows_ms: list[int] = field(default_factory=lambda: [300_000, 3_600_000, 86_400_000])
+
+
+@dataclass(frozen=True)
+class LearnConfig:
+    hash_bits: int = 20
+    ftrl_alpha: float = 0.1
+    ftrl_beta: float = 1.0
+    ftrl_l1: float = 1.0
+    ftrl_l2: float = 1.0
+    bopr_beta: float = 1.0
+    bopr_prior_variance: float = 0.01
+    push_interval_s: float = 5.0
+    snapshot_interval_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """The simulator behind `ctrstream produce` (see flows/simulator.py)."""
+
+    users: int = 10_000
+    items: int = 2_000
+    categories: int = 20
+    impressions_per_s: float = 50.0  # in event time
+    base_ctr: float = 0.03
+    click_delay_median_s: float = 30.0
+    click_delay_sigma: float = 2.5
+    max_click_delay_s: float = 3 * 3600.0
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: str = ".ctrstream/data"
+    recovery_dir: str = ".ctrstream/recovery"
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    stack: StackConfig = field(default_factory=StackConfig)
+    join: JoinConfig = field(default_factory=JoinConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    learn: LearnConfig = field(default_factory=LearnConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+
+    def replace(self, **changes: Any) -> Config:
+        """Copy with changes; ``section={"key": value}`` updates one section. Validated."""
+        return _build(type(self), _merge(dataclasses.asdict(self), changes), "")
+
+    def kafka_client(self, **overrides: Any) -> dict[str, Any]:
+        """confluent-kafka settings: bootstrap servers, the pass-through options, then overrides."""
+        return {"bootstrap.servers": self.kafka.bootstrap_servers, **self.kafka.client, **overrides}
+
+
+# Keys that must be strictly positive; everything else numeric must be >= 0.
+_POSITIVE = {
+    "partitions", "replication_factor", "wait_window_ms", "capacity", "held_clicks_capacity",
+    "batch_size", "hash_bits", "users", "items", "categories", "impressions_per_s",
+    "window_examples", "baseline_halflife_examples", "kafka_port", "redis_port",
+    "idle_timeout_s", "push_interval_s", "snapshot_interval_s", "log_interval_s",
+    "ftrl_alpha", "bopr_beta", "bopr_prior_variance", "click_delay_median_s",
+    "start_timeout_s", "max_click_lag_ms",
+}
+_UNIT_INTERVAL = {"base_ctr", "ctr_collapse_ratio"}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    origin = get_origin(typ)
+    if origin is list:
+        if isinstance(value, str):
+            value = orjson.loads(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (inner,) = get_args(typ)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if isinstance(value, str):
+            value = orjson.loads(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if typ is bool:
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "0", "false", "no"):
+            return value.lower() in ("1", "true", "yes")
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if typ in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            num = typ(value) if isinstance(value, str) else value
+        except ValueError:
+            raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}") from None
+        if typ is int and not isinstance(num, int):
+            if isinstance(num, float) and num.is_integer():
+                num = int(num)
+            else:
+                raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if not isinstance(num, int | float) or num != num:
+            raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}")
+        name = key.rsplit(".", 1)[-1].split("[")[0]
+        if name in _POSITIVE and num <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {num}")
+        if num < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {num}")
+        if name in _UNIT_INTERVAL and not 0 < num < 1:
+            raise ConfigError(f"{key}: must be between 0 and 1, got {num}")
+        return num
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {typ}")  # pragma: no cover
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.')}: expected a table, got {data!r}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!s}")
+    kwargs = {}
+    for name, value in data.items():
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = _build(typ, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, typ, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _from_env(environ: dict[str, str]) -> dict:
+    sections = {n for n, t in get_type_hints(Config).items() if dataclasses.is_dataclass(t)}
+    out: dict[str, Any] = {}
+    for var, value in environ.items():
+        if not var.startswith(ENV_PREFIX) or var == ENV_PREFIX + "CONFIG":
+            continue
+        rest = var[len(ENV_PREFIX):].lower()
+        if "__" in rest:
+            section, key = rest.split("__", 1)
+            if section not in sections:
+                raise ConfigError(f"unknown config key {section}.{key} (from ${var})")
+            out.setdefault(section, {})[key] = value
+        else:
+            out[rest] = value
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None,
+                environ: dict[str, str] | None = None) -> Config:
+    """Load defaults < TOML file < environment and validate; raises ConfigError naming the key."""
+    environ = dict(os.environ if environ is None else environ)
+    path = path or environ.get(ENV_PREFIX + "CONFIG")
+    if path is None and Path("ctrstream.toml").exists():
+        path = "ctrstream.toml"
+    data: dict = dataclasses.asdict(Config())
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = _merge(data, tomllib.load(f))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+    data = _merge(data, _from_env(environ))
+    return _build(Config, data, "")
