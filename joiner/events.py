@@ -1,0 +1,93 @@
+"""Event schemas: parse and validate the raw bytes of `impressions` and `clicks` messages.
+
+A message that fails raises ``BadEvent`` with a reason meant for the dead-letter record.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import orjson
+
+MAX_MESSAGE_BYTES = 64 * 1024
+MAX_ID_CHARS = 128
+
+
+class BadEvent(ValueError):
+    """The message cannot be processed; ``str(e)`` is the dead-letter reason."""
+
+
+class Impression(NamedTuple):
+    impression_id: str
+    ts: int
+    user_id: str
+    item_id: str
+    features: dict
+
+    def to_json(self) -> bytes:
+        """Compact canonical form: only the contract's fields, so a label can be spliced in."""
+        return orjson.dumps(self._asdict())
+
+
+class Click(NamedTuple):
+    impression_id: str
+    ts: int
+
+
+def _load(raw: bytes) -> dict:
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise BadEvent(f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise BadEvent(f"invalid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise BadEvent(f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _id(obj: dict, name: str) -> str:
+    v = obj.get(name)
+    if v is None:
+        raise BadEvent(f"missing field {name!r}")
+    if isinstance(v, bool) or not isinstance(v, str | int):
+        raise BadEvent(f"field {name!r} must be a string, got {type(v).__name__}")
+    v = str(v)
+    if not v or len(v) > MAX_ID_CHARS:
+        raise BadEvent(f"field {name!r} must have 1..{MAX_ID_CHARS} characters")
+    return v
+
+
+def _ts(obj: dict) -> int:
+    v = obj.get("ts")
+    if v is None:
+        raise BadEvent("missing field 'ts'")
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise BadEvent(f"field 'ts' must be integer milliseconds, got {type(v).__name__}")
+    if v <= 0:
+        raise BadEvent(f"field 'ts' must be positive, got {v}")
+    return v
+
+
+def _features(obj: dict) -> dict:
+    feats = obj.get("features", {})
+    if not isinstance(feats, dict):
+        raise BadEvent(f"field 'features' must be an object, got {type(feats).__name__}")
+    for k, v in feats.items():
+        if isinstance(v, bool) or not isinstance(v, str | int | float):
+            raise BadEvent(f"feature {k!r} must be a string or number, got {type(v).__name__}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise BadEvent(f"feature {k!r} is not finite")
+    return feats
+
+
+def parse_impression(raw: bytes) -> Impression:
+    obj = _load(raw)
+    return Impression(_id(obj, "impression_id"), _ts(obj), _id(obj, "user_id"),
+                      _id(obj, "item_id"), _features(obj))
+
+
+def parse_click(raw: bytes) -> Click:
+    obj = _load(raw)
+    return Click(_id(obj, "impression_id"), _ts(obj))
