@@ -2,7 +2,8 @@
 
 Precedence: defaults < TOML file < environment variables. The file is the one passed
 explicitly, else ``$CTRSTREAM_CONFIG``, else ``ctrstream.toml`` in the working directory if it
-exists. Environment variables are ``CTRSTREAM_<SECTION>__<KEY>`` (``CTRSTREAM_JOIN__WAIT_WINDOW_MS``)
+exists. Environment variables are ``CTRSTREAM_<SECTION>__<KEY>``
+(``CTRSTREAM_JOIN__WAIT_WINDOW_MS``)
 or ``CTRSTREAM_<KEY>`` for top-level keys (``CTRSTREAM_DATA_DIR``). Unknown keys and bad values
 are errors that name the key.
 """
@@ -115,6 +116,11 @@ class GeneratorConfig:
     click_delay_median_s: float = 30.0
     click_delay_sigma: float = 2.5
     max_click_delay_s: float = 3 * 3600.0
+    # Zipf exponents of item popularity and user activity (0 = uniform).
+    item_zipf: float = 1.1
+    user_zipf: float = 0.9
+    seed: int = 0
+    start_ms: int = 0  # event time of the first impression; 0 = yesterday 00:00 UTC
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,183 @@
+"""The join dataflow: impressions + clicks -> labeled examples, late-click corrections and
+dead letters.
+
+Partition i of `impressions` and partition i of `clicks` hold the same impression ids, so each
+input partition is joined where it is read, by a ``WaitWindowJoiner`` inside the source: no
+shuffle, and bytewax's snapshot of a partition is a few offsets, not the buffered impressions
+(on resume the partition replays the retained range from Kafka; see joiner/join.py).
+
+    ctrstream run join [--until-eof]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import bytewax.operators as op
+import orjson
+from bytewax.dataflow import Dataflow
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+from flows.config import Config, load_config
+from flows.kafka import KafkaRecordSink, dead_letter, input_partitions
+from joiner.health import JoinHealthMonitor
+from joiner.join import CLICKS, DEAD_LETTER, IMPRESSIONS, WaitWindowJoiner
+
+log = logging.getLogger(__name__)
+
+
+def make_joiner(cfg: Config, name: str = "") -> WaitWindowJoiner:
+    j, h = cfg.join, cfg.health
+    return WaitWindowJoiner(
+        window_ms=j.wait_window_ms, early_click_hold_ms=j.early_click_hold_ms,
+        late_click_horizon_ms=j.late_click_horizon_ms, idle_timeout_s=j.idle_timeout_s,
+        capacity=j.capacity, held_clicks_capacity=j.held_clicks_capacity,
+        max_future_ms=j.max_future_ms, max_past_ms=j.max_past_ms,
+        health=JoinHealthMonitor(h.max_click_lag_ms, h.ctr_collapse_ratio, h.window_examples,
+                                 h.min_expected_clicks, h.baseline_halflife_examples, name))
+
+
+class _JoinPartition(StatefulSourcePartition):
+    def __init__(self, cfg: Config, part: int, resume: dict | None, until_eof: bool) -> None:
+        self.cfg, self.part, self.until_eof = cfg, part, until_eof
+        self.topics = {cfg.kafka.impressions_topic: IMPRESSIONS, cfg.kafka.clicks_topic: CLICKS}
+        self.joiner = make_joiner(cfg, f"p{part}")
+        self.consumer = Consumer(cfg.kafka_client(**{
+            "group.id": f"ctrstream-join-{part}", "enable.auto.commit": False,
+            "enable.partition.eof": True, "auto.offset.reset": "earliest",
+            "fetch.min.bytes": 1}))
+        self.eof: set[str] = set()
+        self.done = False
+        self.stats_path = Path(cfg.data_dir) / "join" / f"stats-p{part}.json"
+        self.last_log = time.monotonic()
+        self.events_since_log = 0
+        imp_at = clk_at = OFFSET_BEGINNING
+        if resume is not None:
+            self._rebuild(resume)
+            imp_at, clk_at = resume["next_offset"][IMPRESSIONS], resume["next_offset"][CLICKS]
+        self.consumer.assign([TopicPartition(cfg.kafka.impressions_topic, part, imp_at),
+                              TopicPartition(cfg.kafka.clicks_topic, part, clk_at)])
+
+    def _replay(self, topic: str, start: int, stop: int, apply) -> int:
+        """Feed messages [start, stop) of one topic-partition to ``apply(raw, offset)``."""
+        if start >= stop:
+            return 0
+        self.consumer.assign([TopicPartition(topic, self.part, start)])
+        n, deadline = 0, time.monotonic() + 600
+        while n < stop - start:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replay of {topic}[{self.part}] {start}..{stop} stalled")
+            for msg in self.consumer.consume(1000, timeout=1.0):
+                if msg.error() is not None:
+                    continue
+                if msg.offset() < stop:
+                    apply(msg.value(), msg.offset())
+                n = msg.offset() + 1 - start
+        return n
+
+    def _rebuild(self, snap: dict) -> None:
+        t0 = time.monotonic()
+        (imp_lo, clk_lo), hi = snap["replay_from"], snap["next_offset"]
+        self.joiner.start_rebuild(snap)
+        n_imp = self._replay(self.cfg.kafka.impressions_topic, imp_lo, hi[IMPRESSIONS],
+                             self.joiner.rebuild_impression)
+        n_clk = self._replay(self.cfg.kafka.clicks_topic, clk_lo, hi[CLICKS],
+                             self.joiner.rebuild_click)
+        self.joiner.finish_rebuild()
+        log.info("join p%d: resumed from snapshot, replayed %d impressions and %d clicks in "
+                 "%.1f s (%d pending, %d remembered)", self.part, n_imp, n_clk,
+                 time.monotonic() - t0, self.joiner.q.pending_count,
+                 len(self.joiner.q) - self.joiner.q.pending_count)
+
+    def next_batch(self) -> list:
+        if self.done:
+            raise StopIteration()
+        cfg, j, out = self.cfg, self.joiner, []
+        msgs = self.consumer.consume(cfg.join.batch_size, timeout=0.1)
+        now, wall_ms = time.monotonic(), int(time.time() * 1000)
+        for msg in msgs:
+            topic = msg.topic()
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    self.eof.add(topic)
+                    continue
+                log.error("join p%d: kafka error on %s: %s", self.part, topic, err)
+                out.append(dead_letter(cfg, topic or "", self.part, None,
+                                       f"kafka error: {err}", None))
+                continue
+            self.eof.discard(topic)
+            if self.topics[topic] == IMPRESSIONS:
+                j.on_impression(msg.value(), msg.offset(), now, out, wall_ms)
+            else:
+                j.on_click(msg.value(), msg.offset(), now, out, wall_ms)
+        self.events_since_log += len(msgs)
+        j.advance(now, out)
+        if self.until_eof and len(self.eof) == 2:
+            j.flush(out)
+            self.done = True
+        if self.done or now - self.last_log >= cfg.join.log_interval_s:
+            self._report(now)
+        return [self._record(r) for r in out]
+
+    def _record(self, r: tuple) -> tuple:
+        kind, key, value = r
+        if kind == DEAD_LETTER:
+            topic = (self.cfg.kafka.impressions_topic if value["stream"] == IMPRESSIONS
+                     else self.cfg.kafka.clicks_topic)
+            return dead_letter(self.cfg, topic, self.part, value["offset"], value["reason"],
+                               value["raw"])
+        return (self.cfg.kafka.examples_topic, key, value)
+
+    def _report(self, now: float) -> None:
+        j = self.joiner
+        stats = {**j.stats(), "partition": self.part,
+                 "watermark_lag_ms": max(j.max_ts.values()) - j.watermark,
+                 "reconcile_errors": j.reconcile()}
+        rate = self.events_since_log / max(now - self.last_log, 1e-9)
+        log.info("join p%d: %.0f ev/s, pending %d, held %d, watermark lag %.1f s, "
+                 "emitted %d, joined %d, late %d, orphan %d, dup %d/%d, dead %d/%d%s",
+                 self.part, rate, stats["pending"], stats["held"],
+                 stats["watermark_lag_ms"] / 1000, stats["impressions_emitted"],
+                 stats["clicks_joined"], stats["clicks_late"], stats["clicks_orphan"],
+                 stats["impressions_duplicate"], stats["clicks_duplicate"],
+                 stats["impressions_dead"], stats["clicks_dead"],
+                 ", QUARANTINED" if stats["quarantined"] else "")
+        self.stats_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.stats_path.with_suffix(".tmp")
+        tmp.write_bytes(orjson.dumps(stats))
+        os.replace(tmp, self.stats_path)
+        self.last_log, self.events_since_log = now, 0
+
+    def snapshot(self) -> dict:
+        return self.joiner.snapshot()
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+class JoinSource(FixedPartitionedSource):
+    """One partition per input partition pair; each joins its pair in place."""
+
+    def __init__(self, cfg: Config, until_eof: bool = False) -> None:
+        self.cfg, self.until_eof = cfg, until_eof
+
+    def list_parts(self) -> list[str]:
+        return [str(i) for i in range(input_partitions(self.cfg))]
+
+    def build_part(self, step_id: str, for_part: str, resume_state):
+        return _JoinPartition(self.cfg, int(for_part), resume_state, self.until_eof)
+
+
+def build(cfg: Config | str | None = None, until_eof: bool = False) -> Dataflow:
+    """The join dataflow; ``cfg`` is a Config or a config file path (None: the default)."""
+    cfg = cfg if isinstance(cfg, Config) else load_config(cfg)
+    flow = Dataflow("join")
+    records = op.input("join", flow, JoinSource(cfg, until_eof))
+    op.output("kafka_out", records, KafkaRecordSink(cfg))
+    return flow
+

@@ -1,0 +1,98 @@
+"""Kafka wiring shared by the dataflows: a sink that checks delivery reports, dead-letter
+records, and the partition layout check."""
+
+from __future__ import annotations
+
+import base64
+import logging
+
+import orjson
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
+
+from flows.config import Config
+
+log = logging.getLogger(__name__)
+
+
+class DeliveryError(RuntimeError):
+    """Kafka did not acknowledge some records; the flow stops so recovery replays them."""
+
+
+def make_producer(cfg: Config, **overrides) -> Producer:
+    settings = {"linger.ms": 5, "compression.type": "lz4", "enable.idempotence": True,
+                "queue.buffering.max.messages": 1_000_000}
+    return Producer(cfg.kafka_client(**{**settings, **overrides}))
+
+
+class _RecordSinkPartition(StatelessSinkPartition):
+    def __init__(self, cfg: Config) -> None:
+        self._producer = make_producer(cfg)
+        self._failed: list[str] = []
+
+    def _on_delivery(self, err, msg) -> None:
+        if err is not None:
+            self._failed.append(f"{msg.topic()}: {err}")
+
+    def write_batch(self, items: list[tuple[str, str | None, bytes]]) -> None:
+        produce = self._producer.produce
+        for topic, key, value in items:
+            while True:
+                try:
+                    produce(topic, value, key, on_delivery=self._on_delivery)
+                    break
+                except BufferError:  # local queue full: wait for deliveries, then retry
+                    self._producer.poll(0.1)
+        # Flushing per batch makes the batch durable before the epoch that produced it can
+        # be snapshotted; bytewax batches are large enough that this costs little.
+        left = self._producer.flush(60)
+        if left or self._failed:
+            failed, self._failed = self._failed, []
+            raise DeliveryError(f"{len(failed) + left} records not delivered "
+                                f"(first: {failed[:3] or 'flush timed out'})")
+
+    def close(self) -> None:
+        self._producer.flush(60)
+
+
+class KafkaRecordSink(DynamicSink):
+    """Writes ``(topic, key, value)`` items; a failed delivery raises instead of vanishing."""
+
+    def __init__(self, cfg: Config) -> None:
+        self._cfg = cfg
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _RecordSinkPartition:
+        return _RecordSinkPartition(self._cfg)
+
+
+def dead_letter(cfg: Config, source_topic: str, partition: int, offset: int | None,
+                reason: str, raw: bytes | None, key: bytes | str | None = None):
+    """A ``dead-letters`` record: the raw message (text, or base64 when not UTF-8),
+    where it came from and why it was rejected."""
+    rec = {"source_topic": source_topic, "partition": partition, "offset": offset,
+           "reason": reason}
+    if raw is not None:
+        try:
+            rec["raw"] = raw.decode()
+        except UnicodeDecodeError:
+            rec["raw_base64"] = base64.b64encode(raw).decode()
+    if isinstance(key, bytes):
+        key = key.decode(errors="backslashreplace")
+    return (cfg.kafka.dead_letters_topic, key, orjson.dumps(rec))
+
+
+def input_partitions(cfg: Config, timeout: float = 10.0) -> int:
+    """Partition count of the input topics; they must exist and agree, or the join is wrong."""
+    md = AdminClient(cfg.kafka_client()).list_topics(timeout=timeout)
+    counts = {}
+    for topic in (cfg.kafka.impressions_topic, cfg.kafka.clicks_topic):
+        t = md.topics.get(topic)
+        if t is None or t.error is not None:
+            raise RuntimeError(f"topic {topic!r} not found on {cfg.kafka.bootstrap_servers}"
+                               " (run `ctrstream stack up` or create the topics)")
+        counts[topic] = len(t.partitions)
+    if len(set(counts.values())) != 1:
+        raise RuntimeError(f"input topics must have the same partition count so an impression"
+                           f" and its clicks share a partition; found {counts}")
+    return next(iter(counts.values()))
