@@ -299,7 +299,10 @@ class WaitWindowJoiner:
     def advance(self, now: float, out: list) -> None:
         """Close every window the watermark has passed, expire held clicks and old memory."""
         wm = self.current_watermark(now)
-        self.health.observe_lag(self.max_ts[IMPRESSIONS], self.max_ts[CLICKS])
+        seq = self.q.oldest_pending()
+        if seq is not None and self.q.ts(seq) + self.window <= wm:
+            # Judged only when windows close: that is when missing clicks become false labels.
+            self.health.observe_lag(self.max_ts[IMPRESSIONS], self.max_ts[CLICKS])
         self._close_until(wm, out)
 
     def _close_until(self, wm: int, out: list) -> None:

@@ -1,0 +1,40 @@
+# make demo / make test: each sets up what is missing (virtualenv, packages, redis-server).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install test test-all demo bench lint clean
+
+$(STAMP): pyproject.toml
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server (apt)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow" --doctest-modules joiner tests
+
+test-all: install
+	$(BIN)/python -m pytest -q --doctest-modules joiner tests
+
+demo: install
+	$(BIN)/python -m flows.demo
+
+bench: install
+	$(BIN)/python bench/produce.py
+	$(BIN)/python bench/join.py
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	-$(BIN)/ctrstream stack down
+	rm -rf .ctrstream

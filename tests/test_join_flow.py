@@ -1,0 +1,154 @@
+"""The join dataflow on the real broker, checked against the generator's ground truth."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+
+from flows.produce import produce
+from flows.run import run_flow
+from flows.simulator import Faults, StreamSpec, expected_labels, read_truth
+
+pytestmark = pytest.mark.integration
+
+WINDOW_MS = 10 * 60_000
+MAX_DELAY_S = 3600.0
+
+
+def join_config(cfg, tmp_path: Path):
+    return cfg.replace(
+        data_dir=str(tmp_path / "data"), recovery_dir=str(tmp_path / "recovery"),
+        join={"wait_window_ms": WINDOW_MS, "late_click_horizon_ms": int(MAX_DELAY_S * 2000),
+              "idle_timeout_s": 600.0, "log_interval_s": 0.5},
+        generator={"max_click_delay_s": MAX_DELAY_S, "impressions_per_s": 20.0})
+
+
+def read_topic(cfg, topic: str, expect: int | None = None, quiet_s: float = 2.0) -> list:
+    """Every message of ``topic``: until ``expect`` arrived, or nothing new for ``quiet_s``."""
+    c = Consumer(cfg.kafka_client(**{"group.id": "test-reader", "enable.auto.commit": False}))
+    c.assign([TopicPartition(topic, p, 0) for p in range(cfg.kafka.partitions)])
+    msgs, last = [], time.monotonic()
+    while time.monotonic() - last < quiet_s and (expect is None or len(msgs) < expect):
+        batch = [m for m in c.consume(5000, timeout=0.2) if m.error() is None]
+        if batch:
+            msgs += batch
+            last = time.monotonic()
+    c.close()
+    return msgs
+
+
+def join_stats(cfg) -> dict:
+    total: dict = {}
+    for f in (Path(cfg.data_dir) / "join").glob("stats-p*.json"):
+        for k, v in orjson.loads(f.read_bytes()).items():
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                total[k] = total.get(k, 0) + v
+            elif k == "reconcile_errors":
+                assert v == [], v
+    return total
+
+
+def check_against_truth(cfg, examples: list, truth) -> dict:
+    """Distinct emitted ids == valid impressions, each label == ground truth for the window."""
+    labels = {}
+    for m in examples:
+        ex = orjson.loads(m.value())
+        if ex["kind"] == "example":
+            assert labels.setdefault(ex["impression_id"], ex["label"]) == ex["label"]
+    ids = truth.column("impression_id").to_pylist()
+    assert set(labels) == set(ids)
+    expected = expected_labels(truth, WINDOW_MS)
+    got = np.array([labels[i] for i in ids])
+    assert (got == expected).all(), f"{int((got != expected).sum())} labels differ"
+    return labels
+
+
+def test_join_flow_labels_and_counters_match_ground_truth(fresh_topics, tmp_path):
+    cfg = join_config(fresh_topics, tmp_path)
+    spec = StreamSpec(seed=11, impressions=20_000, faults=Faults.preset(20_000, 0.03))
+    manifest = produce(cfg, spec, truth_dir=tmp_path / "truth")
+    run_flow(cfg, "join", until_eof=True, recovery=False)
+
+    examples = read_topic(cfg, cfg.kafka.examples_topic)
+    truth = read_truth(tmp_path / "truth")
+    labels = check_against_truth(cfg, examples, truth)
+    assert len([m for m in examples if b'"kind":"example"' in m.value()]) == len(labels)
+
+    faults, s = manifest["counts"], join_stats(cfg)
+    delay = truth.column("delay_ms").to_numpy(zero_copy_only=False)
+    clicked = truth.column("clicked").to_numpy(zero_copy_only=False)
+    late = int((clicked & (delay > WINDOW_MS)).sum())
+    assert s["impressions_emitted"] == len(truth)
+    assert s["impressions_duplicate"] == faults["duplicate_impressions"]
+    assert s["impressions_dead"] == faults["malformed_impressions"]
+    assert s["clicks_dead"] == faults["malformed_clicks"]
+    assert s["clicks_orphan"] == faults["orphan_clicks"]
+    assert s["clicks_duplicate"] == faults["duplicate_clicks"]
+    assert s["clicks_late"] == late
+    assert s["clicks_joined"] == int(clicked.sum()) - late
+    assert s["pending"] == s["held"] == 0
+    corrections = [m for m in examples if b'"kind":"late_click"' in m.value()]
+    assert len(corrections) == late
+
+    dead = read_topic(cfg, cfg.kafka.dead_letters_topic)
+    assert len(dead) == faults["malformed_impressions"] + faults["malformed_clicks"]
+    assert all(orjson.loads(m.value())["reason"] for m in dead)
+
+
+def _run_join_process(cfg_path: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "--config", str(cfg_path), "run", "join",
+         "--snapshot-interval", "0.3", *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def write_toml(cfg, path: Path) -> Path:
+    lines = [f'data_dir = "{cfg.data_dir}"', f'recovery_dir = "{cfg.recovery_dir}"', "[kafka]"]
+    k = cfg.kafka
+    for name in ("bootstrap_servers", "impressions_topic", "clicks_topic", "examples_topic",
+                 "dead_letters_topic"):
+        lines.append(f'{name} = "{getattr(k, name)}"')
+    lines += [f"partitions = {k.partitions}", "[join]"]
+    for name, v in vars(cfg.join).items():
+        lines.append(f"{name} = {v}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_sigkill_mid_stream_then_resume_loses_nothing(fresh_topics, tmp_path):
+    cfg = join_config(fresh_topics, tmp_path)
+    cfg_path = write_toml(cfg, tmp_path / "ctrstream.toml")
+    spec = StreamSpec(seed=5, impressions=30_000, faults=Faults.preset(30_000, 0.03))
+    # Produce while the flow runs, so the kill lands mid-stream.
+    producer = threading.Thread(target=produce, args=(cfg, spec),
+                                kwargs={"truth_dir": tmp_path / "truth", "rate": 10_000})
+    producer.start()
+    proc = _run_join_process(cfg_path)
+    stats_dir = Path(cfg.data_dir) / "join"
+    deadline = time.monotonic() + 60
+    while not any(orjson.loads(f.read_bytes()).get("impressions_emitted", 0) > 1000
+                  for f in stats_dir.glob("stats-p*.json")):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "flow made no progress"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    producer.join()
+
+    proc = _run_join_process(cfg_path, "--until-eof")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    assert b"resumed from snapshot" in err
+
+    examples = read_topic(cfg, cfg.kafka.examples_topic)
+    check_against_truth(cfg, examples, read_truth(tmp_path / "truth"))
