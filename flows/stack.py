@@ -52,7 +52,9 @@ def _alive(pid: int) -> bool:
 
 def _kafka_ready(port: int) -> bool:
     try:
-        AdminClient({"bootstrap.servers": f"127.0.0.1:{port}"}).list_topics(timeout=1)
+        # log_level 0: "connection refused" while the broker starts is expected, not news
+        AdminClient({"bootstrap.servers": f"127.0.0.1:{port}", "log_level": 0}).list_topics(
+            timeout=1)
         return True
     except KafkaException:
         return False

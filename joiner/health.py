@@ -1,8 +1,8 @@
 """Join-health monitor (the KDD 2014 paper's anomaly detection for the online joiner).
 
 If the click stream breaks, the joiner keeps closing windows and emits false negatives;
-a model that learns them drifts toward zero. The monitor watches the lag of the click stream
-behind the impression stream and the labeled CTR of the examples against a slow baseline,
+a model that learns them drifts toward zero. The monitor watches how far the watermark has run past
+the last click seen and the labeled CTR of the examples against a slow baseline,
 and quarantines the examples emitted while either looks broken, so learners skip them.
 """
 
@@ -18,11 +18,11 @@ class JoinHealthMonitor:
     """Decides, per emitted example, whether it is quarantined.
 
     >>> m = JoinHealthMonitor(max_click_lag_ms=1000, window_examples=100, min_expected_clicks=5)
-    >>> m.observe_lag(imp_max_ts=10_000, clk_max_ts=9_500)
+    >>> m.observe_lag(watermark=9_499, clk_max_ts=9_500)
     False
-    >>> m.observe_lag(imp_max_ts=20_000, clk_max_ts=9_500)  # clicks stopped: quarantine
+    >>> m.observe_lag(watermark=20_000, clk_max_ts=9_500)  # closing windows clicks never saw
     True
-    >>> m.observe_lag(imp_max_ts=20_000, clk_max_ts=19_900)  # caught up: healthy again
+    >>> m.observe_lag(watermark=20_000, clk_max_ts=20_100)  # caught up: healthy again
     False
     >>> m.transitions
     2
@@ -65,11 +65,14 @@ class JoinHealthMonitor:
             else:
                 log.warning("join health %s: quarantine OFF (%s)", self.name, why)
 
-    def observe_lag(self, imp_max_ts: int, clk_max_ts: int) -> bool:
-        lag = imp_max_ts - clk_max_ts
+    def observe_lag(self, watermark: int, clk_max_ts: int) -> bool:
+        """While the click stream is active the watermark waits for it, so labels are safe
+        however far behind it is; the risk is windows closing past the last click seen,
+        which happens once the click stream is idle."""
+        lag = watermark - clk_max_ts
         lagging = lag > self.max_click_lag_ms
         if lagging != self.lagging:
-            why = f"click stream {lag / 1000:.0f} s behind impressions"
+            why = f"watermark {lag / 1000:.0f} s past the last click"
             self._set(lagging, self.collapsed, why)
         return self.quarantined
 

@@ -302,7 +302,7 @@ class WaitWindowJoiner:
         seq = self.q.oldest_pending()
         if seq is not None and self.q.ts(seq) + self.window <= wm:
             # Judged only when windows close: that is when missing clicks become false labels.
-            self.health.observe_lag(self.max_ts[IMPRESSIONS], self.max_ts[CLICKS])
+            self.health.observe_lag(wm, self.max_ts[CLICKS])
         self._close_until(wm, out)
 
     def _close_until(self, wm: int, out: list) -> None:

@@ -230,7 +230,9 @@ def test_health_quarantines_when_click_stream_stops_and_clears_after():
     d.feed(("i", imp("b", 50_000)), ("i", imp("c", 80_000)))
     ex = dict(d.kinds(EXAMPLE))
     assert ex["b"].get("quarantined") is True and "quarantined" not in ex["a"]
-    d.feed(("c", clk("x", 79_000)), ("i", imp("d", 95_000)))
+    # clicks resume; judged when the next window closes, which then closes healthy
+    d.feed(("c", clk("x", 79_000)), ("i", imp("d", 95_000)), ("c", clk("y", 95_000)))
+    assert "quarantined" not in dict(d.kinds(EXAMPLE))["c"]
     assert not d.j.health.quarantined and d.j.health.transitions == 2
     assert d.j.counters.impressions_quarantined >= 1
 
