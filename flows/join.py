@@ -111,10 +111,7 @@ class _JoinPartition(StatefulSourcePartition):
                                        f"kafka error: {err}", None))
                 continue
             self.eof.discard(topic)
-            if self.topics[topic] == IMPRESSIONS:
-                j.on_impression(msg.value(), msg.offset(), now, out, wall_ms)
-            else:
-                j.on_click(msg.value(), msg.offset(), now, out, wall_ms)
+            self.on_message(self.topics[topic], msg.value(), msg.offset(), now, out, wall_ms)
         self.events_since_log += len(msgs)
         j.advance(now, out)
         if self.until_eof and len(self.eof) == 2:
@@ -123,6 +120,13 @@ class _JoinPartition(StatefulSourcePartition):
         if self.done or now - self.last_log >= cfg.join.log_interval_s:
             self._report(now)
         return [self._record(r) for r in out]
+
+    def on_message(self, stream: str, raw: bytes, offset: int, now: float, out: list,
+                   wall_ms: int) -> None:
+        if stream == IMPRESSIONS:
+            self.joiner.on_impression(raw, offset, now, out, wall_ms)
+        else:
+            self.joiner.on_click(raw, offset, now, out, wall_ms)
 
     def _record(self, r: tuple) -> tuple:
         kind, key, value = r
@@ -163,6 +167,8 @@ class _JoinPartition(StatefulSourcePartition):
 class JoinSource(FixedPartitionedSource):
     """One partition per input partition pair; each joins its pair in place."""
 
+    partition_class = _JoinPartition
+
     def __init__(self, cfg: Config, until_eof: bool = False) -> None:
         self.cfg, self.until_eof = cfg, until_eof
 
@@ -170,7 +176,7 @@ class JoinSource(FixedPartitionedSource):
         return [str(i) for i in range(input_partitions(self.cfg))]
 
     def build_part(self, step_id: str, for_part: str, resume_state):
-        return _JoinPartition(self.cfg, int(for_part), resume_state, self.until_eof)
+        return self.partition_class(self.cfg, int(for_part), resume_state, self.until_eof)
 
 
 def build(cfg: Config | str | None = None, until_eof: bool = False) -> Dataflow:
