@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -114,14 +116,15 @@ class Component:
         return (_kafka_ready if self.name == "kafka" else _redis_ready)(self.port)
 
     def _is_ours(self, pid: int) -> bool:
-        """Guards against a recycled pid: the process must run the binary we start."""
+        """Guards against a recycled pid: both servers show their address in the command
+        line (redis-server rewrites its title to "redis-server 127.0.0.1:PORT")."""
         try:
-            exe = os.readlink(f"/proc/{pid}/exe")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except FileNotFoundError:
             return False
         except OSError:  # no /proc or not allowed to look: trust the pid file
             return True
-        return os.path.realpath(exe) == os.path.realpath(self.command()[0])
+        return re.search(re.escape(self.address.encode()) + rb"(?![0-9])", cmdline) is not None
 
     def pid(self) -> int | None:
         """The pid of our live process, else None; a stale pid file is removed."""
@@ -264,7 +267,7 @@ def _cmd(args: argparse.Namespace, cfg: Config) -> int:
             pids = stack.up()
             topics = create_topics(cfg)
         except StackError as e:
-            print(f"ctrstream stack up: {e}")
+            print(f"ctrstream stack up: {e}", file=sys.stderr)
             return 1
         for c in stack.components:
             print(f"{c.name:6} pid {pids[c.name]:<8} {where[c.name]:28} log {c.log_file}")

@@ -2,28 +2,31 @@
 
 from __future__ import annotations
 
-import shutil
 import uuid
+from pathlib import Path
 
 import pytest
 
 from flows.config import Config
-from flows.stack import LocalStack, create_topics, free_port
+from flows.stack import REDIS_SERVER, LocalStack, create_topics, free_port
 
 
 @pytest.fixture(scope="session")
 def local_stack(tmp_path_factory):
-    if shutil.which("redis-server") is None:
-        pytest.fail("redis-server not found: apt-get install -y redis-server (make test does)")
+    """The session's LocalStack (Tansu + redis-server on free ports), running."""
+    if not Path(REDIS_SERVER).exists():
+        pytest.fail(f"{REDIS_SERVER} not found: apt-get install -y redis-server")
     stack = LocalStack(tmp_path_factory.mktemp("stack"), free_port(), free_port())
-    stack.up()
-    yield stack
-    stack.down()
+    try:  # down() also when up() fails halfway, so no server outlives the session
+        stack.up()
+        yield stack
+    finally:
+        stack.down()
 
 
 @pytest.fixture(scope="session")
 def stack_cfg(local_stack):
-    """A Config pointing at the session's private broker and Redis, with default topics."""
+    """A Config pointing at the session's private broker and Redis, default topics created."""
     cfg = local_stack.config(Config())
     create_topics(cfg)
     return cfg
@@ -31,7 +34,7 @@ def stack_cfg(local_stack):
 
 @pytest.fixture
 def fresh_topics(stack_cfg):
-    """A Config with topic names unique to this test, already created."""
+    """stack_cfg with topic names unique to this test, already created."""
     s = uuid.uuid4().hex[:8]
     cfg = stack_cfg.replace(kafka={"impressions_topic": f"impressions-{s}",
                                    "clicks_topic": f"clicks-{s}",
@@ -43,6 +46,7 @@ def fresh_topics(stack_cfg):
 
 @pytest.fixture
 def redis_client(stack_cfg):
+    """A redis.Redis on the session's server, its database emptied first."""
     import redis
 
     client = redis.Redis.from_url(stack_cfg.redis.url)
