@@ -51,9 +51,11 @@ def _load(raw: bytes) -> dict:
 
 def _id(obj: dict, name: str) -> str:
     v = obj.get(name)
+    if type(v) is str and 0 < len(v) <= MAX_ID_CHARS:  # the common case, checked first
+        return v
     if v is None:
         raise BadEvent(f"missing field {name!r}")
-    if isinstance(v, bool) or not isinstance(v, str | int):
+    if type(v) is not int:
         raise BadEvent(f"field {name!r} must be a string, got {type(v).__name__}")
     v = str(v)
     if not v or len(v) > MAX_ID_CHARS:
@@ -63,31 +65,51 @@ def _id(obj: dict, name: str) -> str:
 
 def _ts(obj: dict) -> int:
     v = obj.get("ts")
+    if type(v) is int and v > 0:
+        return v
     if v is None:
         raise BadEvent("missing field 'ts'")
-    if isinstance(v, bool) or not isinstance(v, int):
+    if type(v) is not int:  # bool is a subclass of int, type() keeps it out
         raise BadEvent(f"field 'ts' must be integer milliseconds, got {type(v).__name__}")
-    if v <= 0:
-        raise BadEvent(f"field 'ts' must be positive, got {v}")
-    return v
+    raise BadEvent(f"field 'ts' must be positive, got {v}")
+
+
+_SCALARS = frozenset((str, int))
 
 
 def _features(obj: dict) -> dict:
     feats = obj.get("features", {})
-    if not isinstance(feats, dict):
+    if type(feats) is not dict:
         raise BadEvent(f"field 'features' must be an object, got {type(feats).__name__}")
     for k, v in feats.items():
-        if isinstance(v, bool) or not isinstance(v, str | int | float):
-            raise BadEvent(f"feature {k!r} must be a string or number, got {type(v).__name__}")
-        if isinstance(v, float) and not math.isfinite(v):
+        t = type(v)
+        if t in _SCALARS:
+            continue
+        if t is not float:
+            raise BadEvent(f"feature {k!r} must be a string or number, got {t.__name__}")
+        if not math.isfinite(v):
             raise BadEvent(f"feature {k!r} is not finite")
     return feats
 
 
 def parse_impression(raw: bytes) -> Impression:
+    return parse_impression_payload(raw)[0]
+
+
+_IMPRESSION_FIELDS = frozenset(Impression._fields)
+
+
+def parse_impression_payload(raw: bytes) -> tuple[Impression, bytes]:
+    """The impression and its JSON to buffer: the raw bytes themselves when they hold exactly
+    the contract's fields (ids as strings) and end in '}', else the canonical form."""
     obj = _load(raw)
-    return Impression(_id(obj, "impression_id"), _ts(obj), _id(obj, "user_id"),
-                      _id(obj, "item_id"), _features(obj))
+    imp = Impression(_id(obj, "impression_id"), _ts(obj), _id(obj, "user_id"),
+                     _id(obj, "item_id"), _features(obj))
+    if (obj.keys() == _IMPRESSION_FIELDS and raw.endswith(b"}")
+            and type(obj["user_id"]) is str and type(obj["item_id"]) is str
+            and type(obj["impression_id"]) is str):
+        return imp, raw
+    return imp, imp.to_json()
 
 
 def parse_click(raw: bytes) -> Click:

@@ -140,12 +140,17 @@ class HashQueue:
 
     def pop_pending(self) -> tuple[int, bytes]:
         """Close the oldest pending entry: it stays remembered, its payload is released."""
+        seq, _, _, _, payload = self.pop_pending_entry()
+        return seq, payload
+
+    def pop_pending_entry(self) -> tuple[int, str, int, int, bytes]:
+        """``pop_pending`` returning ``(seq, key, ts, click_ts, payload)`` in one lookup."""
         seq = self.pending
         c, j = self._slot(seq)
         payload = c.payloads[j]
         c.payloads[j] = None
         self.pending = seq + 1
-        return seq, payload
+        return seq, c.keys[j], c.ts[j], c.click_ts[j], payload
 
     def oldest_closed(self) -> int | None:
         return self.head if self.head < self.pending else None

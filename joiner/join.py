@@ -30,7 +30,13 @@ from dataclasses import asdict, dataclass
 
 import orjson
 
-from joiner.events import BadEvent, Click, Impression, parse_click, parse_impression
+from joiner.events import (
+    BadEvent,
+    Click,
+    Impression,
+    parse_click,
+    parse_impression_payload,
+)
 from joiner.hashqueue import CLOSED_EARLY, LATE_SEEN, NO_CLICK, QUARANTINED, HashQueue
 from joiner.health import JoinHealthMonitor
 
@@ -124,6 +130,9 @@ class WaitWindowJoiner:
         self._last_wall = {IMPRESSIONS: None, CLICKS: None}
         self._start_wall: float | None = None
         self.watermark = 0
+        self._negative_suffix = b"," + orjson.dumps({
+            "kind": EXAMPLE, "label": 0, "click_ts": None, "delay_ms": None,
+            "window_ms": window_ms})[1:]
 
     # -- input -------------------------------------------------------------------------
 
@@ -152,7 +161,7 @@ class WaitWindowJoiner:
         c = self.counters
         c.impressions_in += 1
         try:
-            imp = parse_impression(raw)
+            imp, payload = parse_impression_payload(raw)
             self._check_time(imp.ts, wall_ms)
         except BadEvent as e:
             self.next_offset[IMPRESSIONS] = offset + 1
@@ -165,8 +174,7 @@ class WaitWindowJoiner:
             self._skip_imp.add(offset)
             return
         self._make_room(out)
-        seq = self.q.push(imp.impression_id, imp.ts, imp.to_json(), offset,
-                          self.next_offset[CLICKS])
+        seq = self.q.push(imp.impression_id, imp.ts, payload, offset, self.next_offset[CLICKS])
         if self.signals:
             out.append((SEEN, imp.impression_id, imp))
         held = self._held.pop(imp.impression_id, None)
@@ -256,25 +264,30 @@ class WaitWindowJoiner:
 
     def _emit_oldest(self, out: list, early: bool = False) -> None:
         q, c = self.q, self.counters
-        seq, payload = q.pop_pending()
-        click_ts = q.click_ts(seq)
+        seq, key, ts, click_ts, payload = q.pop_pending_entry()
         label = int(click_ts != NO_CLICK)
         quarantined = self.health.observe_label(label)
         c.impressions_emitted += 1
-        extra = {"kind": EXAMPLE, "label": label,
-                 "click_ts": click_ts if label else None,
-                 "delay_ms": max(0, click_ts - q.ts(seq)) if label else None,
-                 "window_ms": self.window}
         if early:
             c.impressions_closed_early += 1
             q.add_flags(seq, CLOSED_EARLY)
-            extra["closed_early"] = True
         if quarantined:
             c.impressions_quarantined += 1
             q.add_flags(seq, QUARANTINED)
-            extra["quarantined"] = True
+        if label or early or quarantined:
+            extra = {"kind": EXAMPLE, "label": label,
+                     "click_ts": click_ts if label else None,
+                     "delay_ms": max(0, click_ts - ts) if label else None,
+                     "window_ms": self.window}
+            if early:
+                extra["closed_early"] = True
+            if quarantined:
+                extra["quarantined"] = True
+            suffix = b"," + orjson.dumps(extra)[1:]
+        else:
+            suffix = self._negative_suffix  # most examples: the same bytes every time
         # payload is a compact JSON object ending in '}': splice the label in without a re-parse
-        out.append((EXAMPLE, q.key(seq), payload[:-1] + b"," + orjson.dumps(extra)[1:]))
+        out.append((EXAMPLE, key, payload[:-1] + suffix))
 
     def current_watermark(self, now: float) -> int:
         if self._start_wall is None:
@@ -372,12 +385,12 @@ class WaitWindowJoiner:
         if offset in self._skip_imp or offset >= snap["next_offset"][IMPRESSIONS]:
             return
         try:
-            imp = parse_impression(raw)
+            imp, payload = parse_impression_payload(raw)
         except BadEvent:
             return  # dead-lettered the first time
         if self.q.lookup(imp.impression_id) is not None:
             return
-        self.q.push(imp.impression_id, imp.ts, imp.to_json(), offset, self._rebuild_clk_pos)
+        self.q.push(imp.impression_id, imp.ts, payload, offset, self._rebuild_clk_pos)
         if offset < snap["pending_from"]:
             self.q.pop_pending()
 
