@@ -2,7 +2,8 @@
 
 1. events/s through the join flow next to a pass-through flow (same source, parsing and sink,
    no join), with 1 and 2 processes, on a private local broker;
-2. HashQueue push+close+forget operations/s in-process;
+2. the joiner core's events/s in-process next to parsing alone; HashQueue
+   push+close+forget operations/s next to a plain dict;
 3. bytes per buffered impression, HashQueue next to a plain dict-of-dicts buffer;
 4. snapshot time and bytes per epoch at 1M buffered impressions, next to pickling the buffer
    (what a stateful operator holding the queue would snapshot every epoch).
@@ -124,6 +125,34 @@ def _impressions(n: int, start_ms: int):
                                          "position": i % 10, "hour": 13}})))
 
 
+def bench_core(n_impressions: int) -> None:
+    """The joiner core in-process over generator messages, next to parsing them alone."""
+    from flows.config import GeneratorConfig
+    from flows.simulator import EventStream
+
+    msgs = []
+    for c in EventStream(GeneratorConfig(), StreamSpec(seed=1, impressions=n_impressions)):
+        msgs += zip(c.topic.tolist(), c.values, strict=True)
+    t0 = time.perf_counter()
+    for topic, raw in msgs:
+        (parse_impression if topic == 0 else parse_click)(raw)
+    parse_rate = len(msgs) / (time.perf_counter() - t0)
+    j = WaitWindowJoiner(window_ms=15 * 60_000, idle_timeout_s=1e9)
+    offsets, out = [0, 0], []
+    t0 = time.perf_counter()
+    for i, (topic, raw) in enumerate(msgs):
+        offset, offsets[topic] = offsets[topic], offsets[topic] + 1
+        (j.on_impression if topic == 0 else j.on_click)(raw, offset, 0.0, out)
+        if i % 1000 == 0:
+            j.advance(0.0, out)
+            out.clear()
+    j.flush(out)
+    join_rate = len(msgs) / (time.perf_counter() - t0)
+    print(f"\n[2] joiner core in-process, {len(msgs):,} generator messages")
+    print(f"    join {join_rate:>10,.0f} ev/s   parse only {parse_rate:>10,.0f} ev/s   "
+          f"ratio {join_rate / parse_rate:.2f}")
+
+
 def bench_hashqueue(n: int) -> None:
     payload = next(_impressions(1, 0))
     keys = [f"{i:016x}" for i in range(n)]
@@ -208,6 +237,7 @@ def main() -> None:
             bench_flows(cfg, args.events, tmp)
         finally:
             stack.down()
+    bench_core(200_000)
     bench_hashqueue(args.buffered)
     bench_memory(min(args.buffered, 200_000))
     bench_snapshot(args.buffered)
