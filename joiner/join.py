@@ -145,8 +145,14 @@ class WaitWindowJoiner:
             raise BadEvent(f"ts {ts} is {(wall_ms - ts) / 86_400_000:.1f} days in the past")
 
     def _dead(self, stream: str, raw: bytes, offset: int, reason: str, out: list) -> None:
-        # A replay must skip it too: a time check against the wall clock may pass next time.
-        (self._skip_imp if stream == IMPRESSIONS else self._skip_clk).add(offset)
+        self.next_offset[stream] = offset + 1
+        # A replay must skip it too: a check against the wall clock may pass next time.
+        if stream == IMPRESSIONS:
+            self.counters.impressions_dead += 1
+            self._skip_imp.add(offset)
+        else:
+            self.counters.clicks_dead += 1
+            self._skip_clk.add(offset)
         out.append((DEAD_LETTER, None, {"stream": stream, "offset": offset, "reason": reason,
                                         "raw": raw}))
 
@@ -164,8 +170,6 @@ class WaitWindowJoiner:
             imp, payload = parse_impression_payload(raw)
             self._check_time(imp.ts, wall_ms)
         except BadEvent as e:
-            self.next_offset[IMPRESSIONS] = offset + 1
-            c.impressions_dead += 1
             self._dead(IMPRESSIONS, raw, offset, str(e), out)
             return
         self._arrived(IMPRESSIONS, imp.ts, offset, now)
@@ -192,8 +196,6 @@ class WaitWindowJoiner:
             click = parse_click(raw)
             self._check_time(click.ts, wall_ms)
         except BadEvent as e:
-            self.next_offset[CLICKS] = offset + 1
-            c.clicks_dead += 1
             self._dead(CLICKS, raw, offset, str(e), out)
             return
         self._arrived(CLICKS, click.ts, offset, now)
