@@ -67,16 +67,24 @@ class _JoinPartition(StatefulSourcePartition):
         if start >= stop:
             return 0
         self.consumer.assign([TopicPartition(topic, self.part, start)])
-        n, deadline = 0, time.monotonic() + 600
-        while n < stop - start:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"replay of {topic}[{self.part}] {start}..{stop} stalled")
-            for msg in self.consumer.consume(1000, timeout=1.0):
+        n, pos, last_progress = 0, start, time.monotonic()
+        while pos < stop:
+            msgs = self.consumer.consume(1000, timeout=1.0)
+            if not msgs and time.monotonic() - last_progress > 60:
+                raise RuntimeError(f"replay of {topic}[{self.part}] stalled at offset {pos} "
+                                   f"of {start}..{stop}")
+            for msg in msgs:
                 if msg.error() is not None:
                     continue
-                if msg.offset() < stop:
-                    apply(msg.value(), msg.offset())
-                n = msg.offset() + 1 - start
+                if msg.offset() >= stop:  # also ends a range whose last offsets are gone
+                    pos = stop
+                    break
+                if n == 0 and msg.offset() > start:
+                    log.warning("join p%d: %s offsets %d..%d are gone (retention shorter than "
+                                "the late-click horizon?): state rebuilt without them",
+                                self.part, topic, start, msg.offset())
+                apply(msg.value(), msg.offset())
+                n, pos, last_progress = n + 1, msg.offset() + 1, time.monotonic()
         return n
 
     def _rebuild(self, snap: dict) -> None:
