@@ -3,10 +3,11 @@ in event time, for one partition of the impression and click topics.
 
 Semantics (DESIGN.md):
 
-* The watermark is the minimum over the two streams of (highest event time - 1), so a lagging click
-  stream delays expiry instead of turning real clicks into negatives. A stream silent for
-  ``idle_timeout_s`` of wall-clock time stops holding it back; when both are silent it advances
-  with the wall clock, so a quiet night does not freeze the output.
+* The watermark is the minimum over the two streams of (highest event time - 1), so a
+  lagging click stream delays expiry instead of turning real clicks into negatives. A stream
+  quiet for ``idle_timeout_s`` of wall-clock time stops holding it back (quiet: read to its
+  end, when the reader reports ``caught_up``; otherwise no arrival); when both are quiet it
+  advances with the wall clock, so a quiet night does not freeze the output.
 * An impression is emitted exactly once, when ``ts + window <= watermark`` (or early, flagged,
   when the queue is full). ``label`` is 1 iff a click with ``0 <= click_ts - ts <= window``
   was joined; a click before its impression's ts (clock skew) counts as delay 0.
@@ -104,7 +105,8 @@ class WaitWindowJoiner:
                  late_click_horizon_ms: int = 3_600_000, idle_timeout_s: float = 30.0,
                  capacity: int = 5_000_000, held_clicks_capacity: int = 100_000,
                  max_future_ms: int | None = None, max_past_ms: int | None = None,
-                 health: JoinHealthMonitor | None = None, signals: bool = False) -> None:
+                 health: JoinHealthMonitor | None = None, signals: bool = False,
+                 idle_needs_caught_up: bool = False) -> None:
         self.window = window_ms
         self.hold = early_click_hold_ms
         self.horizon = max(late_click_horizon_ms, window_ms)
@@ -115,6 +117,9 @@ class WaitWindowJoiner:
         self.max_past = max_past_ms
         self.health = health or JoinHealthMonitor()
         self.signals = signals
+        # A reader catching up on a backlog may not fetch one topic for a while; that stream
+        # is behind, not idle. With this set, only caught_up() starts a stream's quiet time.
+        self.idle_needs_caught_up = idle_needs_caught_up
         self.q = HashQueue()
         self.counters = Counters()
         # impression_id -> [(click_ts, offset), ...] for clicks that came before their impression
@@ -127,7 +132,8 @@ class WaitWindowJoiner:
         self._skip_clk: set[int] = set()  # offsets of clicks that changed nothing
         self.next_offset = {IMPRESSIONS: 0, CLICKS: 0}
         self.max_ts = {IMPRESSIONS: 0, CLICKS: 0}
-        self._last_wall = {IMPRESSIONS: None, CLICKS: None}
+        self._quiet_since: dict[str, float | None] = {IMPRESSIONS: None, CLICKS: None}
+        self._seen: set[str] = set()
         self._start_wall: float | None = None
         self.watermark = 0
         self._negative_suffix = b"," + orjson.dumps({
@@ -158,7 +164,9 @@ class WaitWindowJoiner:
 
     def _arrived(self, stream: str, ts: int, offset: int, now: float) -> None:
         self.next_offset[stream] = offset + 1
-        self._last_wall[stream] = now
+        self._seen.add(stream)
+        # Without end-of-stream signals, silence counts from the last arrival.
+        self._quiet_since[stream] = None if self.idle_needs_caught_up else now
         if ts > self.max_ts[stream]:
             self.max_ts[stream] = ts
 
@@ -291,23 +299,30 @@ class WaitWindowJoiner:
         # payload is a compact JSON object ending in '}': splice the label in without a re-parse
         out.append((EXAMPLE, key, payload[:-1] + suffix))
 
+    def caught_up(self, stream: str, now: float) -> None:
+        """The reader reached the end of ``stream``: from now on its silence is real."""
+        if self._quiet_since[stream] is None:
+            self._quiet_since[stream] = now
+
     def current_watermark(self, now: float) -> int:
         if self._start_wall is None:
             self._start_wall = now
-        active = []
+        active, quiet = [], []
         for stream in (IMPRESSIONS, CLICKS):
-            last = self._last_wall[stream]
-            if now - (self._start_wall if last is None else last) <= self.idle_timeout:
+            since = self._quiet_since[stream]
+            if since is None and not self.idle_needs_caught_up and stream not in self._seen:
+                since = self._start_wall
+            if since is not None and now - since > self.idle_timeout:
+                quiet.append(since)
+            else:
                 # Streams are ordered by ts, so after ts T every event before T has arrived
                 # (another event at T may still come).
                 active.append(self.max_ts[stream] - 1)
         if active:
             wm = min(active)
         else:
-            # Both quiet: let event time follow the wall clock from the last arrival.
-            walls = [w for w in self._last_wall.values() if w is not None]
-            quiet = now - max(walls) if walls else 0.0
-            wm = max(self.max_ts.values()) + int(quiet * 1000)
+            # Both quiet: let event time follow the wall clock from when the last went quiet.
+            wm = max(self.max_ts.values()) + int((now - max(quiet)) * 1000)
         self.watermark = max(self.watermark, wm)
         return self.watermark
 

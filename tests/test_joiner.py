@@ -109,6 +109,23 @@ def test_idle_stream_stops_holding_the_watermark_and_quiet_streams_follow_the_wa
     assert d.labels() == {"a": 0, "b": 0}
 
 
+def test_a_stream_not_yet_read_to_its_end_is_behind_not_idle():
+    """Catching up on a backlog, the reader may not fetch clicks for longer than the idle
+    timeout; closing windows then would turn real clicks into negatives."""
+    d = Driver(idle_timeout_s=30, idle_needs_caught_up=True)
+    d.feed(("i", imp("a", 1000)), ("c", clk("q", 1000)))
+    d.now = 100.0
+    d.feed(("i", imp("b", 60_000)))
+    assert d.labels() == {}  # clicks silent for 100 s but not known to be at their end
+    d.j.caught_up("clicks", 100.0)
+    d.now = 120.0
+    d.j.advance(d.now, d.out)
+    assert d.labels() == {}  # at the end for 20 s < 30 s
+    d.now = 131.0
+    d.j.advance(d.now, d.out)
+    assert d.labels() == {"a": 0}
+
+
 def test_click_before_its_impression_is_held_and_joined():
     d = Driver().feed(("c", clk("a", 1500)), ("i", imp("a", 1000)))
     d.j.flush(d.out)
