@@ -42,7 +42,19 @@ class KafkaConfig:
 
 @dataclass(frozen=True)
 class RedisConfig:
+    # rediss://... for TLS. A password may be in the URL, but better set it through
+    # $CTRSTREAM_REDIS__PASSWORD so it stays out of files; logs and errors redact it.
     url: str = "redis://127.0.0.1:16379/0"
+    username: str = ""  # empty: the URL's (or none)
+    password: str = field(default="", repr=False)  # empty: the URL's (or none)
+    ssl: bool = False  # TLS even with a redis:// URL
+    ssl_ca_certs: str = ""  # CA bundle file; empty: the system's
+    cluster: bool = False  # Redis Cluster: the url names any one node
+    socket_timeout_s: float = 5.0  # 0: no timeout
+    connect_timeout_s: float = 2.0  # 0: no timeout
+    # redis-py's own retries of one command on a broken connection (its default of 10 makes
+    # an unreachable server take seconds to report); the feature writer retries on top.
+    retries: int = 1
 
 
 @dataclass(frozen=True)
@@ -88,7 +100,27 @@ class HealthConfig:
 
 @dataclass(frozen=True)
 class FeaturesConfig:
+    # The join flow keeps the counters, attaches them to examples and writes Redis.
+    enabled: bool = True
     windows_ms: list[int] = field(default_factory=lambda: [300_000, 3_600_000, 86_400_000])
+    # Counted entities (features/spec.py): name -> impression fields making its id, comma
+    # separated, looked up at the impression's top level, then in its `features`. A TOML
+    # [features.entities] table adds to these; an empty value removes one.
+    entities: dict[str, str] = field(default_factory=lambda: {
+        "user": "user_id", "item": "item_id", "category": "category",
+        "user_category": "user_id,category", "item_position": "item_id,position"})
+    # Window counters (features/counters.py): tiles per window ring, and how far behind an
+    # entity's newest event an event may arrive and still be counted point-in-time exactly.
+    tiles_per_window: int = 12
+    allowed_lateness_ms: int = 60_000
+    # Redis feature store (features/store.py): keys are store_prefix:{entity:id}.
+    store_prefix: str = "f"
+    # Idle entities expire; longer than the longest window, whose counts are 0 by then anyway.
+    store_ttl_s: int = 2 * 86_400  # 0: never expire
+    store_flush_interval_s: float = 0.5
+    store_max_pending: int = 5000
+    # A writer that cannot reach Redis for this long raises (its pending values are kept).
+    store_give_up_s: float = 60.0
 
 
 @dataclass(frozen=True)
