@@ -16,6 +16,7 @@ import numpy as np
 import orjson
 from confluent_kafka import Consumer, TopicPartition
 
+from features.store import from_config
 from flows.config import load_config
 from flows.produce import produce, summary
 from flows.run import run_flow
@@ -34,6 +35,23 @@ def read_all(cfg, topic: str, quiet_s: float = 1.5) -> list[bytes]:
             last = time.monotonic()
     c.close()
     return out
+
+
+def show_features(cfg, examples: list[dict]) -> None:
+    """The busiest user's counts as the last example carried them and as Redis holds them."""
+    users = {}
+    for e in examples:
+        users[e["user_id"]] = users.get(e["user_id"], 0) + 1
+    user = max(users, key=users.get)
+    last = next(e for e in reversed(examples) if e["user_id"] == user)
+    row = from_config(cfg).get("user", user)
+    names = [n for n in row if not n.startswith("_")]
+    print(f"== real-time counts of user {user} ({users[user]} impressions in the hour)")
+    print(f"   {'feature':10} {'on its last example':>20} {'in Redis':>10}  (Redis: as of the "
+          "newest event, clicks included)")
+    for n in names:
+        print(f"   {n:10} {last['counts']['user'][n]:>20} {row[n]:>10}")
+    print(f"   read back with: ctrstream features get user {user}")
 
 
 def main() -> int:
@@ -96,6 +114,8 @@ def main() -> int:
     for d in dead:
         reasons[d["reason"].split(":")[0]] = reasons.get(d["reason"].split(":")[0], 0) + 1
     print(f"   dead-letter reasons               {reasons}")
+    if cfg.features.enabled:
+        show_features(cfg, ex)
     print("== the stack keeps running: `ctrstream stack status`, `ctrstream stack down`")
     return 0 if (got == want).all() else 1
 

@@ -22,15 +22,27 @@ from bytewax.dataflow import Dataflow
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
+from features.spec import FeatureSpec
+from flows import features_ops as fo
 from flows.config import Config, load_config
 from flows.kafka import KafkaRecordSink, dead_letter, input_partitions
 from joiner.health import JoinHealthMonitor
-from joiner.join import CLICKS, DEAD_LETTER, IMPRESSIONS, WaitWindowJoiner
+from joiner.join import (
+    CLICKED,
+    CLICKS,
+    DEAD_LETTER,
+    EXAMPLE,
+    IMPRESSIONS,
+    SEEN,
+    WaitWindowJoiner,
+)
 
 log = logging.getLogger(__name__)
 
+OUT, SIGNAL = "out", "signal"  # tags of the source's records, beside EXAMPLE
 
-def make_joiner(cfg: Config, name: str = "") -> WaitWindowJoiner:
+
+def make_joiner(cfg: Config, name: str = "", signals: bool = False) -> WaitWindowJoiner:
     j, h = cfg.join, cfg.health
     return WaitWindowJoiner(
         window_ms=j.wait_window_ms, early_click_hold_ms=j.early_click_hold_ms,
@@ -38,14 +50,15 @@ def make_joiner(cfg: Config, name: str = "") -> WaitWindowJoiner:
         capacity=j.capacity, held_clicks_capacity=j.held_clicks_capacity,
         max_future_ms=j.max_future_ms, max_past_ms=j.max_past_ms,
         health=JoinHealthMonitor(h.max_click_lag_ms, h.ctr_collapse_ratio, h.window_examples,
-                                 h.min_expected_clicks, h.baseline_halflife_examples, name))
+                                 h.min_expected_clicks, h.baseline_halflife_examples, name),
+        signals=signals, idle_needs_caught_up=True)
 
 
 class _JoinPartition(StatefulSourcePartition):
     def __init__(self, cfg: Config, part: int, resume: dict | None, until_eof: bool) -> None:
         self.cfg, self.part, self.until_eof = cfg, part, until_eof
         self.topics = {cfg.kafka.impressions_topic: IMPRESSIONS, cfg.kafka.clicks_topic: CLICKS}
-        self.joiner = make_joiner(cfg, f"p{part}")
+        self.joiner = make_joiner(cfg, f"p{part}", signals=cfg.features.enabled)
         self.consumer = Consumer(cfg.kafka_client(**{
             "group.id": f"ctrstream-join-{part}", "enable.auto.commit": False,
             "enable.partition.eof": True, "auto.offset.reset": "earliest",
@@ -113,6 +126,7 @@ class _JoinPartition(StatefulSourcePartition):
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
                     self.eof.add(topic)
+                    j.caught_up(self.topics[topic], now)
                     continue
                 log.error("join p%d: kafka error on %s: %s", self.part, topic, err)
                 out.append(dead_letter(cfg, topic or "", self.part, None,
@@ -125,6 +139,10 @@ class _JoinPartition(StatefulSourcePartition):
         if self.until_eof and len(self.eof) == 2:
             j.flush(out)
             self.done = True
+        if j.signals:
+            # Everything before the watermark has been joined here: the counters may apply
+            # this partition's signals up to it (all of them once it is done).
+            out.append((fo.WATERMARK, None, fo.DONE if self.done else j.watermark))
         if self.done or now - self.last_log >= cfg.join.log_interval_s:
             self._report(now)
         return [self._record(r) for r in out]
@@ -137,13 +155,21 @@ class _JoinPartition(StatefulSourcePartition):
             self.joiner.on_click(raw, offset, now, out, wall_ms)
 
     def _record(self, r: tuple) -> tuple:
+        """Tags the joiner's output for the flow: OUT (topic, key, value) goes to Kafka as
+        it is; EXAMPLE (id, bytes) may get counts attached first; SIGNAL feeds the counters."""
         kind, key, value = r
         if kind == DEAD_LETTER:
             topic = (self.cfg.kafka.impressions_topic if value["stream"] == IMPRESSIONS
                      else self.cfg.kafka.clicks_topic)
-            return dead_letter(self.cfg, topic, self.part, value["offset"], value["reason"],
-                               value["raw"])
-        return (self.cfg.kafka.examples_topic, key, value)
+            return OUT, dead_letter(self.cfg, topic, self.part, value["offset"],
+                                    value["reason"], value["raw"])
+        if kind == EXAMPLE:
+            return EXAMPLE, (key, value)
+        if kind in (SEEN, CLICKED):
+            return SIGNAL, (kind, value)
+        if kind == fo.WATERMARK:
+            return SIGNAL, (kind, (self.part, value))
+        return OUT, (self.cfg.kafka.examples_topic, key, value)
 
     def _report(self, now: float) -> None:
         j = self.joiner
@@ -192,6 +218,25 @@ def build(cfg: Config | str | None = None, until_eof: bool = False) -> Dataflow:
     cfg = cfg if isinstance(cfg, Config) else load_config(cfg)
     flow = Dataflow("join")
     records = op.input("join", flow, JoinSource(cfg, until_eof))
-    op.output("kafka_out", records, KafkaRecordSink(cfg))
+    out = op.filter_map("passed_on", records, lambda r: r[1] if r[0] == OUT else None)
+    examples = op.filter_map("examples", records, lambda r: r[1] if r[0] == EXAMPLE else None)
+    if cfg.features.enabled:
+        spec = FeatureSpec.from_config(cfg.features)
+        signals = op.filter_map("signals", records, lambda r: r[1] if r[0] == SIGNAL else None)
+        counted = op.stateful_batch(
+            "counters", op.key_on("one_key", signals, fo.signal_key),
+            lambda resume: fo.CountersLogic(spec, cfg.features.allowed_lateness_ms,
+                                            input_partitions(cfg), resume))
+        pit = op.filter_map("pit", counted, lambda kv: kv[1][1] if kv[1][0] == fo.PIT else None)
+        rows = op.filter_map("rows", counted,
+                             lambda kv: kv[1][1] if kv[1][0] == fo.ROWS else None)
+        op.output("redis", rows, fo.FeatureStoreSink(cfg, spec))
+        tagged = op.merge("pit_and_examples",
+                          op.map("tag_pit", pit, lambda kv: (kv[0], (fo.PIT, kv[1]))),
+                          op.map("tag_example", examples, lambda kv: (kv[0], (EXAMPLE, kv[1]))))
+        examples = op.stateful_flat_map("attach_counts", tagged, fo.attach)
+    topic = cfg.kafka.examples_topic
+    out = op.merge("all_out", out,
+                   op.map("to_examples", examples, lambda kv: (topic, kv[0], kv[1])))
+    op.output("kafka_out", out, KafkaRecordSink(cfg))
     return flow
-

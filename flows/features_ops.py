@@ -1,0 +1,115 @@
+"""bytewax glue for the real-time count features: the counters step, attaching the
+point-in-time counts to each example, and the Redis sink. The logic lives in features/."""
+
+from __future__ import annotations
+
+import heapq
+import time
+
+import orjson
+from bytewax.operators import StatefulBatchLogic
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+
+from features.counters import EntityCounters
+from features.spec import FeatureSpec
+from features.store import from_config, writer_from_config
+from flows.config import Config
+from joiner.join import EXAMPLE, SEEN
+
+WATERMARK = "watermark"  # (partition, ts): that partition has joined everything before ts
+DONE = 2**62  # the watermark of a partition that has reached the end of its input
+PIT = "pit"  # (impression_id, JSON of {entity: {feature: count}}) as of the impression's ts
+ROWS = "rows"  # [(entity, id, values, ts)] changed since the last batch, for Redis
+
+
+class CountersLogic(StatefulBatchLogic):
+    """All entities' counters under one key, fed in event-time order.
+
+    Signals from the join partitions interleave in arrival order, which can run far from
+    event time (a partition catching up reads impressions ahead of the clicks before them).
+    So they wait in a heap until every partition's join watermark has passed them, then are
+    applied by ts: an impression's snapshot then holds every impression and joined click
+    before its ts, and none at or after it."""
+
+    def __init__(self, spec: FeatureSpec, allowed_lateness_ms: int, partitions: int,
+                 resume) -> None:
+        self.counters = EntityCounters(spec, allowed_lateness_ms)
+        self.partitions = partitions
+        self.watermarks: dict[int, int] = {}
+        self.waiting: list[tuple] = []  # heap of (ts, seq, kind, value)
+        self.seq = 0
+        self.newest = 0
+        if resume is not None:
+            self.counters.restore(resume["counters"])
+            self.watermarks, self.waiting = resume["watermarks"], resume["waiting"]
+            self.seq, self.newest = resume["seq"], resume["newest"]
+
+    def on_batch(self, values: list) -> tuple[list, bool]:
+        for kind, value in values:
+            if kind == WATERMARK:
+                part, wm = value
+                self.watermarks[part] = max(wm, self.watermarks.get(part, wm))
+                continue
+            ts = value.ts if kind == SEEN else value[1]
+            heapq.heappush(self.waiting, (ts, self.seq, kind, value))
+            self.seq += 1
+        if len(self.watermarks) < self.partitions:
+            return [], StatefulBatchLogic.RETAIN
+        low = min(self.watermarks.values())
+        c, out = self.counters, []
+        while self.waiting and self.waiting[0][0] <= low:
+            ts, _, kind, value = heapq.heappop(self.waiting)
+            if kind == SEEN:
+                # as JSON bytes: bytewax deep-copies keyed state, and bytes copy for free
+                out.append((PIT, (value.impression_id, orjson.dumps(c.seen(value)))))
+            else:
+                c.clicked(*value)
+            self.newest = max(self.newest, ts)
+        rows = [(e, i, c.values(e, i, self.newest), self.newest) for e, i in c.touched()]
+        if rows:
+            out.append((ROWS, rows))
+        return out, StatefulBatchLogic.RETAIN
+
+    def snapshot(self) -> dict:
+        return {"counters": self.counters.state(), "watermarks": self.watermarks,
+                "waiting": self.waiting, "seq": self.seq, "newest": self.newest}
+
+
+def attach(state: dict | None, value: tuple) -> tuple[dict | None, list]:
+    """Joins an example with its point-in-time counts, whichever arrives first."""
+    state = state or {}
+    kind, payload = value
+    state[kind] = payload
+    if PIT in state and EXAMPLE in state:
+        example = state[EXAMPLE]
+        # example bytes are a compact JSON object: splice the counts in before its '}'
+        return None, [example[:-1] + b',"counts":' + state[PIT] + b"}"]
+    return state, []
+
+
+def signal_key(value: tuple) -> str:
+    return "counters"  # one key: the counters need every entity's events (see the README)
+
+
+class _StorePartition(StatelessSinkPartition):
+    def __init__(self, cfg: Config, spec: FeatureSpec) -> None:
+        self.writer = writer_from_config(from_config(cfg, spec.feature_names()), cfg)
+
+    def write_batch(self, items: list) -> None:
+        for rows in items:
+            for entity, id, values, ts in rows:
+                self.writer.put(entity, id, values, ts)
+        self.writer.maybe_flush(time.monotonic())
+
+    def close(self) -> None:
+        self.writer.flush()
+
+
+class FeatureStoreSink(DynamicSink):
+    """Writes changed entities to Redis, coalesced, within store_flush_interval_s."""
+
+    def __init__(self, cfg: Config, spec: FeatureSpec) -> None:
+        self.cfg, self.spec = cfg, spec
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _StorePartition:
+        return _StorePartition(self.cfg, self.spec)
