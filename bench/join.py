@@ -1,7 +1,8 @@
 """Join benchmarks, each figure beside its peer from the same run.
 
 [1] events/s through the join flow next to a pass-through flow (same source, parsing and
-    sink, no join), with 1 and 2 processes, on a private local broker;
+    sink, no join), with 1 and 2 processes, on a private local broker and Redis; and the join
+    flow with the count features on (counters, attached counts, Redis writes);
 [2] the joiner core's events/s in-process next to parsing alone;
 [3] HashQueue push+close+forget operations/s next to a plain dict;
 [4] bytes per buffered impression, HashQueue next to a plain dict-of-dicts buffer;
@@ -44,7 +45,7 @@ from joiner.events import (  # noqa: E402
     parse_impression_payload,
 )
 from joiner.hashqueue import HashQueue  # noqa: E402
-from joiner.join import IMPRESSIONS, WaitWindowJoiner  # noqa: E402
+from joiner.join import EXAMPLE, IMPRESSIONS, WaitWindowJoiner  # noqa: E402
 
 
 class _PassThroughPartition(_JoinPartition):
@@ -55,7 +56,7 @@ class _PassThroughPartition(_JoinPartition):
             ev = (parse_impression if stream == IMPRESSIONS else parse_click)(raw)
         except BadEvent:
             return
-        out.append(("example", ev.impression_id, raw))
+        out.append((EXAMPLE, ev.impression_id, raw))
 
 
 class _PassThroughSource(JoinSource):
@@ -66,7 +67,10 @@ def passthrough_flow(config_path: str) -> Dataflow:
     cfg = load_config(config_path)
     flow = Dataflow("passthrough")
     records = op.input("in", flow, _PassThroughSource(cfg, until_eof=True))
-    op.output("out", records, KafkaRecordSink(cfg))
+    topic = cfg.kafka.examples_topic
+    out = op.map("untag", records,
+                 lambda r: (topic, *r[1]) if r[0] == EXAMPLE else r[1])
+    op.output("out", out, KafkaRecordSink(cfg))
     return flow
 
 
@@ -94,16 +98,19 @@ def bench_flows(cfg: Config, n_events: int, tmp: Path) -> None:
     n = manifest["counts"]["impression_messages"] + manifest["counts"]["click_messages"]
     print(f"\n[1] flows over {n:,} input messages, {cfg.kafka.partitions} partitions "
           "(wall time of the whole run, start-up included)")
-    print(f"    {'processes':>9} {'pass-through ev/s':>18} {'join ev/s':>12} {'join/pass':>10}")
+    print(f"    {'processes':>9} {'pass-through ev/s':>18} {'join ev/s':>12} {'join/pass':>10}"
+          f" {'join+features ev/s':>19}")
     for procs in (1, 2):
         rates = []
-        for name in ("passthrough", "join"):
+        for name in ("passthrough", "join", "features"):
             run_cfg = cfg.replace(kafka={"examples_topic": f"bench-out-{uuid.uuid4().hex[:6]}"},
                                   data_dir=str(tmp / f"data-{name}-{procs}"))
             create_topics(run_cfg)
             cfg_path = tmp / f"{name}-{procs}.toml"
             cfg_path.write_text(
-                f'data_dir = "{run_cfg.data_dir}"\n[kafka]\n'
+                f'data_dir = "{run_cfg.data_dir}"\n'
+                f'[redis]\nurl = "{cfg.redis.url}"\n'
+                f'[features]\nenabled = {str(name == "features").lower()}\n[kafka]\n'
                 f'bootstrap_servers = "{cfg.kafka.bootstrap_servers}"\n'
                 f'partitions = {cfg.kafka.partitions}\n'
                 f'impressions_topic = "{cfg.kafka.impressions_topic}"\n'
@@ -113,7 +120,8 @@ def bench_flows(cfg: Config, n_events: int, tmp: Path) -> None:
             ref = (f"bench.join:passthrough_flow('{cfg_path}')" if name == "passthrough"
                    else f"flows.join:build('{cfg_path}', until_eof=True)")
             rates.append(n / _run(ref, procs, cfg_path))
-        print(f"    {procs:>9} {rates[0]:>18,.0f} {rates[1]:>12,.0f} {rates[1] / rates[0]:>10.2f}")
+        print(f"    {procs:>9} {rates[0]:>18,.0f} {rates[1]:>12,.0f} {rates[1] / rates[0]:>10.2f}"
+              f" {rates[2]:>19,.0f}")
 
 
 def _impressions(n: int, start_ms: int):
