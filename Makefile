@@ -20,10 +20,10 @@ install: $(STAMP)
 
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "not slow" --doctest-modules joiner tests
+	$(BIN)/python -m pytest -q -m "not slow" --doctest-modules joiner features tests
 
 test-all: install
-	$(BIN)/python -m pytest -q --doctest-modules joiner tests
+	$(BIN)/python -m pytest -q --doctest-modules joiner features tests
 
 demo: install
 	$(BIN)/python -m flows.demo

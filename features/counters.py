@@ -3,31 +3,33 @@
 A value as of ``ts`` counts the events in ``[ts - w, ts)``: never the impression itself, never
 an event at or after ``ts``, even one that was counted before because it arrived first.
 
-Representation (per entity: one small list, two ``array('q')`` and at most one ``array('i')``)
+Representation (per entity: a 6-slot list, two ``array('q')``, and for busy ones one more)
 
 * ``recent``: the raw timestamps of the entity's newest impressions and clicks, sorted; they
   hold every event at or after the entity's ``cover`` time, so "how many events in
-  ``[x, ts)``" is two bisections, exact, for any ``x, ts >= cover``.
-* A quiet entity (at most ``exact_events`` held) keeps only ``recent``, trimmed to what the
-  longest window can still reach: exact for every window, ~8 bytes an event.
-* A busy entity also has a ring of tiles per window (Chronon-style partial aggregates):
-  ``tiles_per_window`` tiles of ``w / tiles_per_window`` ms, aligned to the epoch, plus one for
-  the partly covered oldest tile, counting imps and clicks; 4-byte counts. Events move from
-  ``recent`` into the tiles once they are ``allowed_lateness_ms`` behind the entity's newest
-  event, so ``recent`` stays short (the events of the last 1-1.5 lateness spans) and a window
-  is: the tiles from its start to ``cover`` + the ``recent`` events before ``ts``. The head
-  (the part near ``ts``) is exact; only the window's oldest tile is partial, and its share is
-  interpolated assuming events spread uniformly in it.
+  ``[x, ts)``" is two bisections, exact, for any ``x, ts >= cover``. 8 bytes an event.
+* A quiet entity (at most ``exact_events`` of a kind) has only ``recent``, trimmed to what the
+  longest window can still reach: exact for every window.
+* Past ``exact_events``, an entity also gets a ring of tiles per window (Chronon-style partial
+  aggregates): ``tiles_per_window`` tiles of ``w / tiles_per_window`` ms aligned to the epoch,
+  plus one for the window's partly covered oldest tile, for imps and for clicks, and beside
+  each tile the sum of the tiles after it (so a window is a lookup, not a loop). The older
+  events move from ``recent`` into the tiles, keeping the newest ``exact_events // 2`` and all
+  within ``allowed_lateness_ms`` of the entity's newest event, in batches at most once per
+  half a lateness. A window is then: the tiles from its start up to ``cover`` + the ``recent``
+  events before ``ts``. The head (near ``ts``) stays exact; only the window's oldest tile is
+  partial, and its share is interpolated as if its events were spread uniformly.
 
-Error bound: for a query at ``ts >= cover`` (always, for events within the allowed lateness of
-the entity's newest), the only error is that interpolation: ``|value - exact| <= the events in
-tile floor((ts - w) / tile)``; it is exact when ``(ts - w)`` is a multiple of the tile length,
-when that tile is empty, when ``ts - w >= cover``, and for every entity still in exact mode.
-Measured on the simulator stream (``python bench/features_core.py``, 200k impressions, 5
-entities, 12 tiles): {MEASURED}
+Error bound: for a query at ``ts >= cover`` (always, for an impression within the allowed
+lateness of its entities' newest events) the interpolation is the only error:
+``|value - exact| <= the events in the tile holding ts - w``; none when ``ts - w`` is a
+multiple of the tile length, when that tile is empty, when ``ts - w >= cover``, or while the
+entity has no tiles. Measured (``python bench/features_core.py``, 200k simulator impressions,
+5 entities, 12 tiles; 56 % of values come from entities on tiles): {MEASURED}
 
-Late events (more than ``allowed_lateness_ms`` behind the entity's newest event) are counted
-in their tile, which is exact for tile-aligned windows, and counted in ``late``; one older than
+Late events (more than ``allowed_lateness_ms`` behind the entity's newest event) are counted,
+in ``recent`` if still at or after ``cover``, else in their tile, and ``late`` counts them; one
+older than
 ``allowed_lateness_ms + the longest window`` is outside every window the entity can still be
 asked for: it is not counted and ``late_dropped`` counts it. A query at ``ts < cover`` (a late
 impression) is answered from tiles and leaves out the whole tile holding ``ts``, so it may
@@ -89,9 +91,8 @@ class EntityCounters:
         self._ntiles = off
         # Events move to tiles in batches, once the oldest is this far past the lateness.
         self._slack = max(allowed_lateness_ms // 2, min(p[1] for p in plan))
-        # _maintain has work once the oldest held event is this old (+1: strictly older).
-        self._due_tiles = allowed_lateness_ms + self._slack + 1
-        self._due_exact = self._due_tiles + self._max_w
+        # A new entity's first look at its recent events (see _maintain's last line).
+        self._due = allowed_lateness_ms + self._slack
         self._zero = dict.fromkeys(names, 0)
         self._entities: dict[str, dict[str, list]] = {name: {} for name in spec.entities}
         self._touched: set[tuple[str, str]] = set()
@@ -101,20 +102,20 @@ class EntityCounters:
     def seen(self, imp) -> dict[str, dict[str, int]]:
         """Each entity's values as of ``imp.ts`` (before this impression), then count it."""
         ts, out, touched, entities = imp.ts, {}, self._touched, self._entities
-        query, limit = self._query, self.exact_events
+        query, due = self._query, self._due
         for name, eid in self.spec.entity_ids(imp):
             ents = entities[name]
             e = ents.get(eid)
             if e is None:
                 out[name] = self._zero.copy()
-                ents[eid] = [0, ts, array("q", (ts,)), array("q"), None, ts + self._due_exact]
+                ents[eid] = [0, ts, array("q", (ts,)), array("q"), None, ts + due]
             else:
                 out[name] = query(e, ts)
                 if ts > e[NEWEST]:  # in order (the common case): an append, nothing to search
                     e[NEWEST] = ts
                     arr = e[IMPS]
                     arr.append(ts)
-                    if ts >= e[DUE] or len(arr) > limit and e[TILES] is None:
+                    if ts >= e[DUE]:
                         self._maintain(e, ts)
                 else:
                     self._add(e, ts, IMPS)
@@ -129,7 +130,7 @@ class EntityCounters:
             e = ents.get(eid)
             if e is None:
                 ents[eid] = [0, click_ts, array("q"), array("q", (click_ts,)), None,
-                             click_ts + self._due_exact]
+                             click_ts + self._due]
             else:
                 self._add(e, click_ts, CLKS)
             touched.add((name, eid))
@@ -198,7 +199,7 @@ class EntityCounters:
             e[NEWEST] = ts
             arr = e[kind]
             arr.append(ts)
-            if ts >= e[DUE] or len(arr) > self.exact_events and e[TILES] is None:
+            if ts >= e[DUE]:
                 self._maintain(e, ts)
             return
         if ts < newest - self.allowed_lateness_ms:
@@ -219,26 +220,32 @@ class EntityCounters:
         self._resum(tiles, cover)
 
     def _maintain(self, e: list, newest: int) -> None:
-        """Bound ``recent``: drop what no window reaches, or move it into tiles; an entity
-        goes on tiles once it holds more than ``exact_events`` of a kind."""
+        """Bound ``recent``. Past ``exact_events`` of a kind, move the older events into tiles,
+        keeping the newest ``exact_events // 2`` of each kind and all within the lateness;
+        else drop (or, with tiles, move) only what no window reaches any more."""
         imps, clks = e[IMPS], e[CLKS]
         keep = newest - self.allowed_lateness_ms
-        if e[TILES] is None:
-            if len(imps) <= self.exact_events and len(clks) <= self.exact_events:
-                cut = keep - self._max_w  # older than this is out of every window
-                if _oldest(imps, clks, newest) < cut - self._slack:
-                    for arr in (imps, clks):
-                        del arr[:bisect_left(arr, cut)]
-                    e[COVER] = cut
-                e[DUE] = _oldest(imps, clks, newest) + self._due_exact
-                return
-            if _oldest(imps, clks, newest) >= keep:  # a burst: nothing to move yet
-                return
-            e[TILES] = array("q", bytes(16 * self._ntiles))
-        elif _oldest(imps, clks, newest) >= keep - self._slack:
-            return
-        self._flush(e, keep)
-        e[DUE] = _oldest(imps, clks, newest) + self._due_tiles
+        limit, kept = self.exact_events, self.exact_events // 2
+        oldest = _oldest(imps, clks, newest)
+        if len(imps) > limit or len(clks) > limit:
+            upto = keep
+            for arr in (imps, clks):
+                if len(arr) > limit and kept:
+                    upto = min(upto, arr[len(arr) - kept])
+            if upto > oldest:
+                if e[TILES] is None:
+                    e[TILES] = array("q", bytes(16 * self._ntiles))
+                self._flush(e, upto)
+        elif oldest < keep - self._max_w:
+            cut = keep - self._max_w  # older than this is out of every window
+            if e[TILES] is None:
+                for arr in (imps, clks):
+                    del arr[:bisect_left(arr, cut)]
+                e[COVER] = cut
+            else:
+                self._flush(e, cut)
+        # Next look: once the oldest is a slack past the lateness, at most once a slack.
+        e[DUE] = max(newest, _oldest(imps, clks, newest) + self.allowed_lateness_ms) + self._slack
 
     def _flush(self, e: list, upto: int) -> None:
         """Move the recent events before ``upto`` into the tiles; ``upto`` becomes the cover."""

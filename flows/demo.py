@@ -48,7 +48,7 @@ def show_features(cfg, examples: list[dict]) -> None:
     names = [n for n in row if not n.startswith("_")]
     print(f"== real-time counts of user {user} ({users[user]} impressions in the hour)")
     print(f"   {'feature':10} {'on its last example':>20} {'in Redis':>10}  (Redis: as of the "
-          "newest event, clicks included)")
+          "user's last event, a click maybe)")
     for n in names:
         print(f"   {n:10} {last['counts']['user'][n]:>20} {row[n]:>10}")
     print(f"   read back with: ctrstream features get user {user}")
