@@ -8,7 +8,7 @@ import time
 
 import orjson
 from bytewax.operators import StatefulBatchLogic
-from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
 from features.counters import EntityCounters
 from features.spec import FeatureSpec
@@ -91,7 +91,7 @@ def signal_key(value: tuple) -> str:
     return "counters"  # one key: the counters need every entity's events (see the README)
 
 
-class _StorePartition(StatelessSinkPartition):
+class _StorePartition(StatefulSinkPartition):
     def __init__(self, cfg: Config, spec: FeatureSpec) -> None:
         self.writer = writer_from_config(from_config(cfg, spec.feature_names()), cfg)
 
@@ -101,15 +101,27 @@ class _StorePartition(StatelessSinkPartition):
                 self.writer.put(entity, id, values, ts)
         self.writer.maybe_flush(time.monotonic())
 
+    def snapshot(self) -> None:
+        # End of an epoch: once it is committed, recovery will not replay what fed these
+        # rows, so they must be in Redis before it is.
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.flush()
 
 
-class FeatureStoreSink(DynamicSink):
-    """Writes changed entities to Redis, coalesced, within store_flush_interval_s."""
+class FeatureStoreSink(FixedPartitionedSink):
+    """Writes changed entities to Redis, coalesced, within store_flush_interval_s and at
+    every epoch's end. Items are ``(key, rows)``; one partition."""
 
     def __init__(self, cfg: Config, spec: FeatureSpec) -> None:
         self.cfg, self.spec = cfg, spec
 
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _StorePartition:
+    def list_parts(self) -> list[str]:
+        return ["redis"]
+
+    def part_fn(self, item_key: str) -> int:
+        return 0
+
+    def build_part(self, step_id: str, for_part: str, resume_state) -> _StorePartition:
         return _StorePartition(self.cfg, self.spec)

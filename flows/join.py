@@ -229,7 +229,7 @@ def build(cfg: Config | str | None = None, until_eof: bool = False) -> Dataflow:
                                             input_partitions(cfg), resume))
         pit = op.filter_map("pit", counted, lambda kv: kv[1][1] if kv[1][0] == fo.PIT else None)
         rows = op.filter_map("rows", counted,
-                             lambda kv: kv[1][1] if kv[1][0] == fo.ROWS else None)
+                             lambda kv: (kv[0], kv[1][1]) if kv[1][0] == fo.ROWS else None)
         op.output("redis", rows, fo.FeatureStoreSink(cfg, spec))
         tagged = op.merge("pit_and_examples",
                           op.map("tag_pit", pit, lambda kv: (kv[0], (fo.PIT, kv[1]))),

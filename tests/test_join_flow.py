@@ -17,6 +17,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from features.spec import window_label
+from features.store import from_config
 from flows.produce import produce
 from flows.run import run_flow
 from flows.simulator import Faults, StreamSpec, expected_labels, read_truth
@@ -32,6 +33,7 @@ def join_config(cfg, tmp_path: Path):
         data_dir=str(tmp_path / "data"), recovery_dir=str(tmp_path / "recovery"),
         join={"wait_window_ms": WINDOW_MS, "late_click_horizon_ms": int(MAX_DELAY_S * 2000),
               "idle_timeout_s": 600.0, "log_interval_s": 0.5},
+        features={"store_prefix": f"f{tmp_path.name[-12:]}".replace("_", "")},
         generator={"max_click_delay_s": MAX_DELAY_S, "impressions_per_s": 20.0})
 
 
@@ -108,11 +110,9 @@ def test_join_flow_labels_and_counters_match_ground_truth(fresh_topics, tmp_path
     check_counts_against_recount(cfg, examples, truth)
 
 
-def check_counts_against_recount(cfg, examples: list, truth) -> None:
-    """The counts attached to each example against a recount of the ground truth over
-    [ts - w, ts): impressions, and clicks joined within the wait window. Windows longer than
-    the stream must be exact (a leaked future event would show there); shorter ones may be
-    off by at most the events of their oldest tile, which the counters interpolate."""
+def _recounter(truth):
+    """count(entity, id, kind, lo, hi): ground-truth events in [lo, hi); impressions, and
+    clicks joined within the wait window (at their click ts)."""
     t = truth.to_pydict()
     events: dict = {}
     for user, item, ts, clicked, delay in zip(t["user_id"], t["item_id"], t["ts"],
@@ -124,32 +124,52 @@ def check_counts_against_recount(cfg, examples: list, truth) -> None:
     for v in events.values():
         v.sort()
 
-    def count(a, lo, hi):
+    def count(entity, id, kind, lo, hi):
+        a = events.get((entity, id, kind), [])
         return bisect.bisect_left(a, hi) - bisect.bisect_left(a, lo)
 
-    span = max(t["ts"]) - min(t["ts"])
-    tiles = cfg.features.tiles_per_window
+    return count, max(t["ts"]) - min(t["ts"])
+
+
+def _check_value(cfg, count, span, entity, id, kind, w, ts, got, what) -> None:
+    """Exact for windows longer than the stream (a leaked future event would show there);
+    otherwise off by at most the events of the window's oldest tile, which is interpolated."""
+    want = count(entity, id, kind, ts - w, ts)
+    if w > span + WINDOW_MS:
+        assert got == want, (what, entity, id, kind, w, got, want)
+    else:
+        tile = w // cfg.features.tiles_per_window
+        start = (ts - w) // tile * tile
+        assert abs(got - want) <= count(entity, id, kind, start, start + tile), (
+            what, entity, id, kind, w, got, want)
+
+
+def check_counts_against_recount(cfg, examples: list, truth) -> None:
+    """The counts attached to each example, and the ones Redis holds at the end, against a
+    recount of the ground truth over [ts - w, ts)."""
+    count, span = _recounter(truth)
     checked = 0
     for m in examples:
         ex = orjson.loads(m.value())
         if ex["kind"] != "example":
             continue
-        ts = ex["ts"]
         for entity, id_field in (("user", "user_id"), ("item", "item_id")):
             for w in cfg.features.windows_ms:
-                label = window_label(w)
                 for kind in ("imp", "clk"):
-                    a = events.get((entity, ex[id_field], kind), [])
-                    got, want = ex["counts"][entity][f"{kind}_{label}"], count(a, ts - w, ts)
-                    if w > span + WINDOW_MS:
-                        assert got == want, (ex["impression_id"], entity, kind, label)
-                    else:
-                        tile = w // tiles
-                        start = (ts - w) // tile * tile
-                        assert abs(got - want) <= count(a, start, start + tile), (
-                            ex["impression_id"], entity, kind, label, got, want)
+                    got = ex["counts"][entity][f"{kind}_{window_label(w)}"]
+                    _check_value(cfg, count, span, entity, ex[id_field], kind, w, ex["ts"], got,
+                                 ex["impression_id"])
                     checked += 1
     assert checked > 0
+    store = from_config(cfg)
+    t = truth.to_pydict()
+    for entity, ids in (("user", t["user_id"][:200]), ("item", t["item_id"][:200])):
+        for id, row in zip(ids, store.get_many(entity, ids), strict=True):
+            assert not row["_missing"], (entity, id)
+            for w in cfg.features.windows_ms:
+                for kind in ("imp", "clk"):
+                    _check_value(cfg, count, span, entity, id, kind, w, row["_ts"],
+                                 row[f"{kind}_{window_label(w)}"], "redis")
 
 
 def _run_join_process(cfg_path: Path, *extra: str) -> subprocess.Popen:
@@ -161,7 +181,8 @@ def _run_join_process(cfg_path: Path, *extra: str) -> subprocess.Popen:
 
 def write_toml(cfg, path: Path) -> Path:
     lines = [f'data_dir = "{cfg.data_dir}"', f'recovery_dir = "{cfg.recovery_dir}"',
-             "[redis]", f'url = "{cfg.redis.url}"', "[kafka]"]
+             "[redis]", f'url = "{cfg.redis.url}"',
+             "[features]", f'store_prefix = "{cfg.features.store_prefix}"', "[kafka]"]
     k = cfg.kafka
     for name in ("bootstrap_servers", "impressions_topic", "clicks_topic", "examples_topic",
                  "dead_letters_topic"):
@@ -199,4 +220,6 @@ def test_sigkill_mid_stream_then_resume_loses_nothing(fresh_topics, tmp_path):
     assert b"resumed from snapshot" in err
 
     examples = read_topic(cfg, cfg.kafka.examples_topic)
-    check_against_truth(cfg, examples, read_truth(tmp_path / "truth"))
+    truth = read_truth(tmp_path / "truth")
+    check_against_truth(cfg, examples, truth)
+    check_counts_against_recount(cfg, examples, truth)
