@@ -14,27 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-from confluent_kafka import Consumer, TopicPartition
 
 from features.store import from_config
 from flows.config import load_config
+from flows.kafka import read_topics
 from flows.produce import produce, summary
 from flows.run import run_flow
 from flows.simulator import Faults, StreamSpec, coverage, expected_labels, read_truth
 from flows.stack import LocalStack, create_topics
-
-
-def read_all(cfg, topic: str, quiet_s: float = 1.5) -> list[bytes]:
-    c = Consumer(cfg.kafka_client(**{"group.id": "demo", "enable.auto.commit": False}))
-    c.assign([TopicPartition(topic, p, 0) for p in range(cfg.kafka.partitions)])
-    out, last = [], time.monotonic()
-    while time.monotonic() - last < quiet_s:
-        got = [m.value() for m in c.consume(5000, timeout=0.2) if m.error() is None]
-        if got:
-            out += got
-            last = time.monotonic()
-    c.close()
-    return out
 
 
 def show_features(cfg, examples: list[dict]) -> None:
@@ -83,8 +70,8 @@ def main() -> int:
     run_flow(cfg, "join", until_eof=True, recovery=False)
     took = time.monotonic() - t0
 
-    examples = [orjson.loads(v) for v in read_all(cfg, cfg.kafka.examples_topic)]
-    dead = [orjson.loads(v) for v in read_all(cfg, cfg.kafka.dead_letters_topic)]
+    examples = [orjson.loads(m.value()) for m in read_topics(cfg, [cfg.kafka.examples_topic])]
+    dead = [orjson.loads(m.value()) for m in read_topics(cfg, [cfg.kafka.dead_letters_topic])]
     ex = [e for e in examples if e["kind"] == "example"]
     late = [e for e in examples if e["kind"] == "late_click"]
     truth = read_truth(base / "truth")

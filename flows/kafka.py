@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import base64
 import logging
+import time
+import uuid
 
 import orjson
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
-from confluent_kafka import Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from flows.config import Config
@@ -80,6 +82,35 @@ def dead_letter(cfg: Config, source_topic: str, partition: int, offset: int | No
     if isinstance(key, bytes):
         key = key.decode(errors="backslashreplace")
     return (cfg.kafka.dead_letters_topic, key, orjson.dumps(rec))
+
+
+def read_topics(cfg: Config, topics: list[str], timeout_s: float = 30.0) -> list:
+    """Every message now in ``topics``, read from the beginning until each partition reports
+    its end (for tests, the demo and benchmarks; not a streaming consumer)."""
+    consumer = Consumer(cfg.kafka_client(**{
+        "group.id": f"ctrstream-reader-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False,
+        "enable.partition.eof": True}))
+    md = consumer.list_topics(timeout=10)
+    parts = {(t, p) for t in topics for p in md.topics[t].partitions}
+    # Assigned, not subscribed: no group rebalance to wait for.
+    consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t, p in sorted(parts)])
+    out, at_end = [], set()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while at_end != parts:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"partitions not at their end: {sorted(parts - at_end)}")
+            for m in consumer.consume(10_000, timeout=0.5):
+                if m.error() is None:
+                    out.append(m)
+                    at_end.discard((m.topic(), m.partition()))
+                elif m.error().code() == KafkaError._PARTITION_EOF:
+                    at_end.add((m.topic(), m.partition()))
+                else:
+                    raise RuntimeError(f"reading {m.topic()}: {m.error()}")
+    finally:
+        consumer.close()
+    return out
 
 
 def input_partitions(cfg: Config, timeout: float = 10.0) -> int:

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 
 from features.spec import window_label
 from features.store import from_config
+from flows.kafka import read_topics
 from flows.produce import produce
 from flows.run import run_flow
 from flows.simulator import Faults, StreamSpec, expected_labels, read_truth
@@ -35,20 +35,6 @@ def join_config(cfg, tmp_path: Path):
               "idle_timeout_s": 600.0, "log_interval_s": 0.5},
         features={"store_prefix": f"f{tmp_path.name[-12:]}".replace("_", "")},
         generator={"max_click_delay_s": MAX_DELAY_S, "impressions_per_s": 20.0})
-
-
-def read_topic(cfg, topic: str, expect: int | None = None, quiet_s: float = 2.0) -> list:
-    """Every message of ``topic``: until ``expect`` arrived, or nothing new for ``quiet_s``."""
-    c = Consumer(cfg.kafka_client(**{"group.id": "test-reader", "enable.auto.commit": False}))
-    c.assign([TopicPartition(topic, p, 0) for p in range(cfg.kafka.partitions)])
-    msgs, last = [], time.monotonic()
-    while time.monotonic() - last < quiet_s and (expect is None or len(msgs) < expect):
-        batch = [m for m in c.consume(5000, timeout=0.2) if m.error() is None]
-        if batch:
-            msgs += batch
-            last = time.monotonic()
-    c.close()
-    return msgs
 
 
 def join_stats(cfg) -> dict:
@@ -83,7 +69,7 @@ def test_join_flow_labels_and_counters_match_ground_truth(fresh_topics, tmp_path
     manifest = produce(cfg, spec, truth_dir=tmp_path / "truth")
     run_flow(cfg, "join", until_eof=True, recovery=False)
 
-    examples = read_topic(cfg, cfg.kafka.examples_topic)
+    examples = read_topics(cfg, [cfg.kafka.examples_topic])
     truth = read_truth(tmp_path / "truth")
     labels = check_against_truth(cfg, examples, truth)
     assert len([m for m in examples if b'"kind":"example"' in m.value()]) == len(labels)
@@ -104,7 +90,7 @@ def test_join_flow_labels_and_counters_match_ground_truth(fresh_topics, tmp_path
     corrections = [m for m in examples if b'"kind":"late_click"' in m.value()]
     assert len(corrections) == late
 
-    dead = read_topic(cfg, cfg.kafka.dead_letters_topic)
+    dead = read_topics(cfg, [cfg.kafka.dead_letters_topic])
     assert len(dead) == faults["malformed_impressions"] + faults["malformed_clicks"]
     assert all(orjson.loads(m.value())["reason"] for m in dead)
     check_counts_against_recount(cfg, examples, truth)
@@ -219,7 +205,7 @@ def test_sigkill_mid_stream_then_resume_loses_nothing(fresh_topics, tmp_path):
     assert proc.returncode == 0, err.decode()[-3000:]
     assert b"resumed from snapshot" in err
 
-    examples = read_topic(cfg, cfg.kafka.examples_topic)
+    examples = read_topics(cfg, [cfg.kafka.examples_topic])
     truth = read_truth(tmp_path / "truth")
     check_against_truth(cfg, examples, truth)
     check_counts_against_recount(cfg, examples, truth)

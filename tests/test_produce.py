@@ -7,10 +7,9 @@ import uuid
 from collections import Counter, defaultdict
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from flows.cli import main
-from flows.kafka import DeliveryError
+from flows.kafka import DeliveryError, read_topics
 from flows.produce import produce
 from flows.simulator import EventStream, Faults, StreamSpec, read_manifest, read_truth
 
@@ -18,33 +17,6 @@ pytestmark = pytest.mark.integration
 
 FAULTS = Faults(duplicate_impressions=40, duplicate_clicks=15, early_clicks=12,
                 orphan_clicks=10, malformed_impressions=7, malformed_clicks=9)
-
-
-def consume_all(cfg, topics: list[str], timeout_s: float = 30.0) -> list:
-    """Every message of ``topics``, read until each partition reports its end."""
-    consumer = Consumer(cfg.kafka_client(**{
-        "group.id": f"test-produce-{uuid.uuid4().hex[:8]}", "auto.offset.reset": "earliest",
-        "enable.auto.commit": False, "enable.partition.eof": True}))
-    md = consumer.list_topics(timeout=10)
-    parts = {(t, p) for t in topics for p in md.topics[t].partitions}
-    # Assigned, not subscribed: no group rebalance to wait for.
-    consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t, p in sorted(parts)])
-    out, at_end = [], set()
-    deadline = time.monotonic() + timeout_s
-    try:
-        while at_end != parts:
-            assert time.monotonic() < deadline, f"partitions not at end: {parts - at_end}"
-            for m in consumer.consume(10_000, timeout=0.5):
-                if m.error() is None:
-                    out.append(m)
-                    at_end.discard((m.topic(), m.partition()))
-                elif m.error().code() == KafkaError._PARTITION_EOF:
-                    at_end.add((m.topic(), m.partition()))
-                else:
-                    raise AssertionError(m.error())
-    finally:
-        consumer.close()
-    return out
 
 
 def test_round_trip_no_loss_no_duplicates(fresh_topics, tmp_path):
@@ -55,7 +27,7 @@ def test_round_trip_no_loss_no_duplicates(fresh_topics, tmp_path):
     sent = [(t, k, v) for c in EventStream(cfg.generator, spec)
             for t, k, v in zip(c.topic.tolist(), c.keys, c.values, strict=True)]
     topics = [cfg.kafka.impressions_topic, cfg.kafka.clicks_topic]
-    got = consume_all(cfg, topics)
+    got = read_topics(cfg, topics)
     assert Counter((topics.index(m.topic()), m.key(), m.value()) for m in got) == Counter(sent)
 
     counts = manifest["counts"]
@@ -101,7 +73,7 @@ def test_cli_produce_with_pacing_and_faults(fresh_topics, tmp_path, capsys):
     preset = Faults.preset(3000, cfg.generator.base_ctr)
     assert manifest["counts"]["duplicate_impressions"] == preset.duplicate_impressions
     assert manifest["counts"]["orphan_clicks"] == 4
-    got = consume_all(cfg, [cfg.kafka.impressions_topic, cfg.kafka.clicks_topic])
+    got = read_topics(cfg, [cfg.kafka.impressions_topic, cfg.kafka.clicks_topic])
     assert len(got) == n
 
 
