@@ -25,7 +25,11 @@ lateness of its entities' newest events) the interpolation is the only error:
 ``|value - exact| <= the events in the tile holding ts - w``; none when ``ts - w`` is a
 multiple of the tile length, when that tile is empty, when ``ts - w >= cover``, or while the
 entity has no tiles. Measured (``python bench/features_core.py``, 200k simulator impressions,
-5 entities, 12 tiles; 56 % of values come from entities on tiles): {MEASURED}
+5 entities, 12 tiles; 56 % of values come from entities on tiles), mean relative error (p99):
+at 50 impressions/s (1.1 h of event time) imp_5m 0.24 % (2.3 %), imp_1h 0.02 % (0.6 %),
+imp_24h exact (it never slides); at 2/s (27.8 h) imp_5m 0.21 % (2.7 %), imp_1h 0.28 % (2.5 %),
+imp_24h 0.03 % (0.8 %); click counts, being small, ~1-1.5 % (p99: 1 click in 2-5). 450 bytes
+an entity in memory, 90 pickled, against ~4.9 KB and 154-244 for exact per-window deques.
 
 Late events (more than ``allowed_lateness_ms`` behind the entity's newest event) are counted,
 in ``recent`` if still at or after ``cover``, else in their tile, and ``late`` counts them; one
