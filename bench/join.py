@@ -104,19 +104,11 @@ def bench_flows(cfg: Config, n_events: int, tmp: Path) -> None:
         rates = []
         for name in ("passthrough", "join", "features"):
             run_cfg = cfg.replace(kafka={"examples_topic": f"bench-out-{uuid.uuid4().hex[:6]}"},
-                                  data_dir=str(tmp / f"data-{name}-{procs}"))
+                                  data_dir=str(tmp / f"data-{name}-{procs}"),
+                                  features={"enabled": name == "features"})
             create_topics(run_cfg)
             cfg_path = tmp / f"{name}-{procs}.toml"
-            cfg_path.write_text(
-                f'data_dir = "{run_cfg.data_dir}"\n'
-                f'[redis]\nurl = "{cfg.redis.url}"\n'
-                f'[features]\nenabled = {str(name == "features").lower()}\n[kafka]\n'
-                f'bootstrap_servers = "{cfg.kafka.bootstrap_servers}"\n'
-                f'partitions = {cfg.kafka.partitions}\n'
-                f'impressions_topic = "{cfg.kafka.impressions_topic}"\n'
-                f'clicks_topic = "{cfg.kafka.clicks_topic}"\n'
-                f'examples_topic = "{run_cfg.kafka.examples_topic}"\n'
-                f'dead_letters_topic = "{cfg.kafka.dead_letters_topic}"\n')
+            cfg_path.write_text(run_cfg.to_toml())
             ref = (f"bench.join:passthrough_flow('{cfg_path}')" if name == "passthrough"
                    else f"flows.join:build('{cfg_path}', until_eof=True)")
             rates.append(n / _run(ref, procs, cfg_path))

@@ -172,6 +172,19 @@ class Config:
         """Copy with changes; ``section={"key": value}`` updates one section. Validated."""
         return _build(type(self), _merge(dataclasses.asdict(self), changes), "")
 
+    def to_toml(self) -> str:
+        """Every setting as a TOML file that ``load_config`` reads back to this Config, for
+        handing a config to another process (a flow, a benchmark run). Secrets included:
+        keep the file private."""
+        top, sections = [], []
+        for name, value in dataclasses.asdict(self).items():
+            if isinstance(value, dict) and dataclasses.is_dataclass(getattr(self, name)):
+                sections.append(f"\n[{name}]")
+                sections += [f"{k} = {_toml_value(v)}" for k, v in value.items()]
+            else:
+                top.append(f"{name} = {_toml_value(value)}")
+        return "\n".join(top + sections) + "\n"
+
     def kafka_client(self, **overrides: Any) -> dict[str, Any]:
         """confluent-kafka settings: bootstrap servers, the pass-through options, then overrides."""
         return {"bootstrap.servers": self.kafka.bootstrap_servers, **self.kafka.client, **overrides}
@@ -187,6 +200,18 @@ _POSITIVE = {
     "start_timeout_s", "max_click_lag_ms",
 }
 _UNIT_INTERVAL = {"base_ctr", "ctr_collapse_ratio"}
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return orjson.dumps(v).decode()  # a JSON string is a valid TOML basic string
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return "{" + ", ".join(f"{_toml_value(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -104,3 +104,14 @@ def test_replace_copies_and_validates():
         base.replace(join={"capacity": 0})
     with pytest.raises(ConfigError, match="unknown config key join.capacty"):
         base.replace(join={"capacty": 5})
+
+
+def test_to_toml_reads_back_to_the_same_config(tmp_path):
+    cfg = Config().replace(
+        data_dir='a "quoted" dir', join={"capacity": 7, "idle_timeout_s": 2.5},
+        kafka={"client": {"security.protocol": "SSL"}},
+        features={"windows_ms": [1000, 2000], "entities": {"user": "user_id", "u_c": "a,b"}})
+    for c in (Config(), cfg):
+        f = tmp_path / "c.toml"
+        f.write_text(c.to_toml())
+        assert load_config(f, environ={}) == c

@@ -165,24 +165,10 @@ def _run_join_process(cfg_path: Path, *extra: str) -> subprocess.Popen:
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
 
 
-def write_toml(cfg, path: Path) -> Path:
-    lines = [f'data_dir = "{cfg.data_dir}"', f'recovery_dir = "{cfg.recovery_dir}"',
-             "[redis]", f'url = "{cfg.redis.url}"',
-             "[features]", f'store_prefix = "{cfg.features.store_prefix}"', "[kafka]"]
-    k = cfg.kafka
-    for name in ("bootstrap_servers", "impressions_topic", "clicks_topic", "examples_topic",
-                 "dead_letters_topic"):
-        lines.append(f'{name} = "{getattr(k, name)}"')
-    lines += [f"partitions = {k.partitions}", "[join]"]
-    for name, v in vars(cfg.join).items():
-        lines.append(f"{name} = {v}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def test_sigkill_mid_stream_then_resume_loses_nothing(fresh_topics, tmp_path):
     cfg = join_config(fresh_topics, tmp_path)
-    cfg_path = write_toml(cfg, tmp_path / "ctrstream.toml")
+    cfg_path = tmp_path / "ctrstream.toml"
+    cfg_path.write_text(cfg.to_toml())
     spec = StreamSpec(seed=5, impressions=30_000, faults=Faults.preset(30_000, 0.03))
     # Produce while the flow runs, so the kill lands mid-stream.
     producer = threading.Thread(target=produce, args=(cfg, spec),

@@ -54,12 +54,9 @@ def test_round_trip_no_loss_no_duplicates(fresh_topics, tmp_path):
 
 
 def test_cli_produce_with_pacing_and_faults(fresh_topics, tmp_path, capsys):
-    cfg = fresh_topics
+    cfg = fresh_topics.replace(data_dir=str(tmp_path))
     toml = tmp_path / "ctrstream.toml"
-    toml.write_text(f'data_dir = "{tmp_path}"\n[kafka]\n'
-                    f'bootstrap_servers = "{cfg.kafka.bootstrap_servers}"\n'
-                    f'impressions_topic = "{cfg.kafka.impressions_topic}"\n'
-                    f'clicks_topic = "{cfg.kafka.clicks_topic}"\n')
+    toml.write_text(cfg.to_toml())
     t0 = time.monotonic()
     code = main(["--config", str(toml), "produce", "--impressions", "3000", "--faults",
                  "--orphan-clicks", "4", "--rate", "3000", "--seed", "3", "--no-progress"])
