@@ -118,6 +118,7 @@ class _JoinPartition(StatefulSourcePartition):
         if self.done:
             raise StopIteration()
         cfg, j, out = self.cfg, self.joiner, []
+        errors = []  # records for Kafka as they are: not the joiner's output
         msgs = self.consumer.consume(cfg.join.batch_size, timeout=0.1)
         now, wall_ms = time.monotonic(), int(time.time() * 1000)
         for msg in msgs:
@@ -129,8 +130,8 @@ class _JoinPartition(StatefulSourcePartition):
                     j.caught_up(self.topics[topic], now)
                     continue
                 log.error("join p%d: kafka error on %s: %s", self.part, topic, err)
-                out.append(dead_letter(cfg, topic or "", self.part, None,
-                                       f"kafka error: {err}", None))
+                errors.append((OUT, dead_letter(cfg, topic or "", self.part, None,
+                                                f"kafka error: {err}", None)))
                 continue
             self.eof.discard(topic)
             self.on_message(self.topics[topic], msg.value(), msg.offset(), now, out, wall_ms)
@@ -145,7 +146,7 @@ class _JoinPartition(StatefulSourcePartition):
             out.append((fo.WATERMARK, None, fo.DONE if self.done else j.watermark))
         if self.done or now - self.last_log >= cfg.join.log_interval_s:
             self._report(now)
-        return [self._record(r) for r in out]
+        return errors + [self._record(r) for r in out]
 
     def on_message(self, stream: str, raw: bytes, offset: int, now: float, out: list,
                    wall_ms: int) -> None:
