@@ -19,9 +19,8 @@ import time
 import uuid
 from pathlib import Path
 
-from confluent_kafka import Producer
-
 from flows.config import Config
+from flows.kafka import make_producer
 from flows.produce import PRODUCER_SETTINGS, produce
 from flows.simulator import EventStream, StreamSpec
 from flows.stack import LocalStack, create_topics, free_port
@@ -37,8 +36,8 @@ def fresh_topics(cfg: Config, label: str) -> Config:
 
 def bare_loop(cfg: Config, messages: list[tuple[int, bytes, bytes]]) -> float:
     failed = []
-    producer = Producer(cfg.kafka_client(
-        **{**PRODUCER_SETTINGS, "on_delivery": lambda err, msg: err and failed.append(err)}))
+    producer = make_producer(cfg, **PRODUCER_SETTINGS,
+                             on_delivery=lambda err, msg: err and failed.append(err))
     topics = (cfg.kafka.impressions_topic, cfg.kafka.clicks_topic)
     send = producer.produce
     start = time.perf_counter()

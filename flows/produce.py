@@ -12,23 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from confluent_kafka import Producer
 from tqdm import tqdm
 
 from flows.config import Config
-from flows.kafka import DeliveryError, input_partitions
+from flows.kafka import DeliveryError, input_partitions, make_producer
 from flows.simulator import FAULT_KINDS, EventStream, Faults, StreamSpec, write_manifest
 
 # Throughput settings; idempotence so a retried batch never lands twice.
+# Bulk tuning on top of flows.kafka.make_producer's settings.
 PRODUCER_SETTINGS: dict[str, Any] = {
     "linger.ms": 20,
     "batch.size": 1_000_000,
-    "compression.type": "lz4",
-    "enable.idempotence": True,
-    "queue.buffering.max.messages": 1_000_000,
     "queue.buffering.max.kbytes": 1_048_576,
-    # Only failures call back: a Python call per delivered message would halve the rate.
-    "delivery.report.only.error": True,
 }
 SLICE = 10_000  # messages sent between progress updates and pacing checks
 FLUSH_TIMEOUT_S = 120.0
@@ -60,8 +55,8 @@ def produce(cfg: Config, spec: StreamSpec, *, truth_dir: str | Path | None = Non
             failures["count"] += 1
             failures["first"] = failures["first"] or f"{msg.topic()}: {err}"
 
-    producer = Producer(cfg.kafka_client(
-        **{**PRODUCER_SETTINGS, **producer_overrides, "on_delivery": on_delivery}))
+    producer = make_producer(cfg, **{**PRODUCER_SETTINGS, **producer_overrides,
+                                      "on_delivery": on_delivery})
     topics = np.array([cfg.kafka.impressions_topic, cfg.kafka.clicks_topic], dtype=object)
     bar = tqdm(total=_expected_messages(cfg, spec), unit="msg", unit_scale=True,
                file=sys.stderr, disable=not progress, mininterval=0.5)
