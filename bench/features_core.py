@@ -180,13 +180,13 @@ def errors(spec: FeatureSpec, ops) -> None:
               f"{err.max():8d}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--impressions", type=int, default=200_000)
     ap.add_argument("--impressions-per-s", type=float, default=GeneratorConfig().impressions_per_s,
                     help="event-time rate; lower it to make the stream outlast the 24 h window")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs; the median is printed")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
     ops, backward = load_ops(args.impressions, args.impressions_per_s)

@@ -126,7 +126,7 @@ def used_memory(client: redis.Redis) -> int:
     return int(client.info("memory")["used_memory"])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--entities", type=int, default=100_000)
     ap.add_argument("--features", type=int, default=30)
@@ -134,7 +134,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=1000)
     ap.add_argument("--naive-serial-trials", type=int, default=50,
                     help="trials of the one-GET-at-a-time read (each is slow; default 50)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     names = feature_names(args.features)
     n, nf = args.entities, len(names)
 

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left, insort
+from heapq import heapify, heappop, heappush
 
 from features.spec import FeatureSpec
 
@@ -100,30 +101,42 @@ class EntityCounters:
         self._zero = dict.fromkeys(names, 0)
         self._entities: dict[str, dict[str, list]] = {name: {} for name in spec.entities}
         self._touched: set[tuple[str, str]] = set()
+        # When quiet entities' values next go down (see `stale`): a heap of (ts, entity, id)
+        # holding each entity at most once.
+        # An event at t leaves a window of length w as of t + w + 1 (windows are [ts - w, ts)).
+        self._leaves = [w + 1 for w in sorted(spec.windows_ms)]
+        self._forget_after = self._max_w + 1 + allowed_lateness_ms
+        self._schedule: list[tuple[int, str, str]] = []
+        self._scheduled: set[tuple[str, str]] = set()
 
     # -- the dataflow's calls ---------------------------------------------------------------
 
     def seen(self, imp) -> dict[str, dict[str, int]]:
         """Each entity's values as of ``imp.ts`` (before this impression), then count it."""
-        ts, out, touched, entities = imp.ts, {}, self._touched, self._entities
-        query, due = self._query, self._due
+        out = self.snapshot(imp)
+        self.count(imp)
+        return out
+
+    def count(self, imp) -> None:
+        """Count an impression for each of its entities."""
+        ts, touched, entities, due = imp.ts, self._touched, self._entities, self._due
         for name, eid in self.spec.entity_ids(imp):
             ents = entities[name]
             e = ents.get(eid)
             if e is None:
-                out[name] = self._zero.copy()
                 ents[eid] = [0, ts, array("q", (ts,)), array("q"), None, ts + due]
             else:
-                out[name] = query(e, ts)
-                if ts > e[NEWEST]:  # in order (the common case): an append, nothing to search
-                    e[NEWEST] = ts
-                    arr = e[IMPS]
-                    arr.append(ts)
-                    if ts >= e[DUE]:
-                        self._maintain(e, ts)
-                else:
-                    self._add(e, ts, IMPS)
+                self._add(e, ts, IMPS)
             touched.add((name, eid))
+
+    def snapshot(self, imp) -> dict[str, dict[str, int]]:
+        """Each entity's values as of ``imp.ts``: the events before it, whatever has been
+        counted since (exact while ``imp.ts`` is within the allowed lateness of the entity's
+        newest event)."""
+        ts, out, entities, query = imp.ts, {}, self._entities, self._query
+        for name, eid in self.spec.entity_ids(imp):
+            e = entities[name].get(eid)
+            out[name] = self._zero.copy() if e is None else query(e, ts)
         return out
 
     def clicked(self, imp, click_ts: int) -> None:
@@ -147,19 +160,40 @@ class EntityCounters:
     def touched(self) -> set[tuple[str, str]]:
         """(entity, id) counted since the last call; never truncated."""
         out, self._touched = self._touched, set()
+        new = out - self._scheduled
+        if new:
+            heap, entities, first = self._schedule, self._entities, self._leaves[0]
+            for name, eid in new:
+                heappush(heap, (entities[name][eid][NEWEST] + first, name, eid))
+            self._scheduled |= new
         return out
 
-    def expire(self, watermark_ts: int) -> list[tuple[str, str]]:
-        """Forget entities whose newest event is out of every window as of the watermark;
-        returns them (so their stored values can be deleted). Their values are zeros now."""
-        cut = watermark_ts - self._max_w
-        dropped = []
-        for name, ents in self._entities.items():
-            old = [eid for eid, e in ents.items() if e[NEWEST] < cut]
-            for eid in old:
-                del ents[eid]
-            dropped += [(name, eid) for eid in old]
-        return dropped
+    def stale(self, now_ts: int) -> list[tuple[str, str]]:
+        """Entities whose values went down since `touched` or `stale` last returned them,
+        with no new event: a window of length w has slid past an entity's newest event as
+        of its newest + w + 1. Without this, a stored 5-minute count of an entity that went quiet
+        would keep its last value until the key expires. Returned once per window, at that
+        point (a window's older events leaving it earlier are caught at the next event or
+        the next point). An entity quiet for the longest window plus the allowed lateness
+        is forgotten: its values are zeros, and no query can reach its events any more."""
+        out, heap, entities = [], self._schedule, self._entities
+        leaves, first, forget = self._leaves, self._leaves[0], self._forget_after
+        while heap and heap[0][0] <= now_ts:
+            _, name, eid = heappop(heap)
+            ents = entities[name]
+            e = ents.get(eid)
+            last = None if e is None else e[NEWEST]
+            if last is not None and last + first > now_ts:
+                heappush(heap, (last + first, name, eid))  # counted since: written then
+                continue
+            if last is None or last + forget <= now_ts:
+                ents.pop(eid, None)
+                self._scheduled.discard((name, eid))
+                continue
+            out.append((name, eid))
+            due = min([last + x for x in leaves if last + x > now_ts] + [last + forget])
+            heappush(heap, (due, name, eid))
+        return out
 
     def __len__(self) -> int:
         return sum(len(ents) for ents in self._entities.values())
@@ -189,6 +223,12 @@ class EntityCounters:
         for name, ents in state["entities"].items():
             self._entities[name] = {eid: rec(*r) for eid, r in ents.items()}
         self._touched = set(state["touched"])
+        # Every entity is due a look one shortest window after its newest event.
+        first = self._leaves[0]
+        self._schedule = [(e[NEWEST] + first, name, eid)
+                          for name, ents in self._entities.items() for eid, e in ents.items()]
+        heapify(self._schedule)
+        self._scheduled = {(name, eid) for _, name, eid in self._schedule}
         self.late, self.late_dropped = state["late"], state["late_dropped"]
 
     def _layout(self) -> tuple:

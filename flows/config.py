@@ -117,7 +117,7 @@ class FeaturesConfig:
     store_prefix: str = "f"
     # Idle entities expire; longer than the longest window, whose counts are 0 by then anyway.
     store_ttl_s: int = 2 * 86_400  # 0: never expire
-    store_flush_interval_s: float = 0.5
+    store_flush_interval_s: float = 0.2
     store_max_pending: int = 5000
     # A writer that cannot reach Redis for this long raises (its pending values are kept).
     store_give_up_s: float = 60.0

@@ -23,56 +23,72 @@ ROWS = "rows"  # [(entity, id, values, ts)] changed since the last batch, for Re
 
 
 class CountersLogic(StatefulBatchLogic):
-    """All entities' counters under one key, fed in event-time order.
+    """All entities' counters under one key.
 
     Signals from the join partitions interleave in arrival order, which can run far from
     event time (a partition catching up reads impressions ahead of the clicks before them).
-    So they wait in a heap until every partition's join watermark has passed them, then are
-    applied by ts: an impression's snapshot then holds every impression and joined click
-    before its ts, and none at or after it."""
+    They wait in a heap and are counted in event-time order up to the allowed lateness past
+    the lowest partition's join watermark, and the changed entities go to Redis: in steady
+    state that is as soon as they arrive, which keeps the store fresh. An impression's
+    point-in-time snapshot waits for the watermark itself to pass it: everything before its
+    ts has been counted by then, and the query as of ts leaves out what came after (exactly,
+    since nothing more than the lateness after it has been counted)."""
 
     def __init__(self, spec: FeatureSpec, allowed_lateness_ms: int, partitions: int,
                  resume) -> None:
         self.counters = EntityCounters(spec, allowed_lateness_ms)
+        self.lead_ms = allowed_lateness_ms
         self.partitions = partitions
         self.watermarks: dict[int, int] = {}
-        self.waiting: list[tuple] = []  # heap of (ts, seq, kind, value)
+        self.waiting: list[tuple] = []  # heap of (ts, seq, kind, value), not yet counted
+        self.snapshots: list[tuple] = []  # heap of (ts, seq, impression): counted, no snapshot
         self.seq = 0
         self.newest = 0
         if resume is not None:
             self.counters.restore(resume["counters"])
-            self.watermarks, self.waiting = resume["watermarks"], resume["waiting"]
-            self.seq, self.newest = resume["seq"], resume["newest"]
+            for name in ("watermarks", "waiting", "snapshots", "seq", "newest"):
+                setattr(self, name, resume[name])
 
     def on_batch(self, values: list) -> tuple[list, bool]:
+        waiting, snapshots, c = self.waiting, self.snapshots, self.counters
         for kind, value in values:
             if kind == WATERMARK:
                 part, wm = value
                 self.watermarks[part] = max(wm, self.watermarks.get(part, wm))
                 continue
             ts = value.ts if kind == SEEN else value[1]
-            heapq.heappush(self.waiting, (ts, self.seq, kind, value))
+            heapq.heappush(waiting, (ts, self.seq, kind, value))
             self.seq += 1
         if len(self.watermarks) < self.partitions:
             return [], StatefulBatchLogic.RETAIN
         low = min(self.watermarks.values())
-        c, out = self.counters, []
-        while self.waiting and self.waiting[0][0] <= low:
-            ts, _, kind, value = heapq.heappop(self.waiting)
-            if kind == SEEN:
+        limit, out = low + self.lead_ms, []
+        while True:
+            next_ts = waiting[0][0] if waiting and waiting[0][0] <= limit else None
+            while snapshots and snapshots[0][0] <= low and (
+                    next_ts is None or snapshots[0][0] <= next_ts):
+                imp = heapq.heappop(snapshots)[2]
                 # as JSON bytes: bytewax deep-copies keyed state, and bytes copy for free
-                out.append((PIT, (value.impression_id, orjson.dumps(c.seen(value)))))
+                out.append((PIT, (imp.impression_id, orjson.dumps(c.snapshot(imp)))))
+            if next_ts is None:
+                break
+            ts, seq, kind, value = heapq.heappop(waiting)
+            if kind == SEEN:
+                c.count(value)
+                heapq.heappush(snapshots, (ts, seq, value))
             else:
                 c.clicked(*value)
             self.newest = max(self.newest, ts)
-        rows = [(e, i, c.values(e, i, self.newest), self.newest) for e, i in c.touched()]
-        if rows:
-            out.append((ROWS, rows))
+        newest = self.newest
+        changed = c.touched().union(c.stale(newest))
+        if changed:
+            out.append((ROWS, [(e, i, c.values(e, i, newest), newest) for e, i in changed]))
         return out, StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> dict:
         return {"counters": self.counters.state(), "watermarks": self.watermarks,
-                "waiting": self.waiting, "seq": self.seq, "newest": self.newest}
+                "waiting": self.waiting, "snapshots": self.snapshots, "seq": self.seq,
+                "newest": self.newest}
 
 
 def attach(state: dict | None, value: tuple) -> tuple[dict | None, list]:

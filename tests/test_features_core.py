@@ -3,6 +3,7 @@ expiry, recovery; Beta smoothing and log buckets."""
 
 from __future__ import annotations
 
+import heapq
 import pickle
 import random
 from bisect import bisect_left, insort
@@ -210,9 +211,33 @@ def test_old_tiles_expire_and_idle_entities_are_dropped():
     assert (got["imp_5m"], got["imp_1h"], got["imp_24h"]) == (1, 1, 3601)
     assert len(c._entities["user"]["u1"][2]) < 200  # recent stays about a lateness long
     c.touched()
-    assert c.expire(base + 25 * HOUR) == [("user", "u2")]  # its last event left every window
-    assert c.expire(base + 27 * HOUR + 1) == [("user", "u1")] and len(c) == 0
+    c.stale(base + 27 * HOUR + MIN + 1)  # a lateness past the longest window
+    assert len(c) == 0  # both forgotten
     assert c.values("user", "u1", base) == dict.fromkeys(SPEC.feature_names(), 0)
+
+
+def test_stale_returns_quiet_entities_once_per_window_then_forgets_them():
+    c = EntityCounters(SPEC, allowed_lateness_ms=MIN)
+    b = 10**9  # an event at b is in [ts - w, ts) up to ts = b + w
+    c.seen(imp(b, user="u1"))
+    c.seen(imp(b + 2 * MIN, user="u2"))
+    assert c.touched() == {("user", "u1"), ("user", "u2")}
+    assert c.stale(b + 5 * MIN) == []
+    assert c.stale(b + 5 * MIN + 1) == [("user", "u1")]  # its 5-minute count just went to 0
+    assert c.values("user", "u1", b + 5 * MIN + 1)["imp_5m"] == 0
+    c.seen(imp(b + 6 * MIN, user="u2"))  # active: written when counted, not stale
+    c.touched()
+    assert c.stale(b + 7 * MIN + 1) == []
+    assert c.stale(b + 11 * MIN + 1) == [("user", "u2")]
+    assert c.stale(b + HOUR + 1) == [("user", "u1")]
+    assert c.stale(b + HOUR + 6 * MIN + 1) == [("user", "u2")]
+    assert c.stale(b + 24 * HOUR + 1) == [("user", "u1")]
+    assert c.values("user", "u1", b + 24 * HOUR + 1) == dict.fromkeys(SPEC.feature_names(), 0)
+    assert len(c) == 2
+    assert c.stale(b + 24 * HOUR + MIN + 1) == [] and list(c._entities["user"]) == ["u2"]
+    c.seen(imp(b + 25 * HOUR, user="u1"))  # back after being forgotten: counted afresh
+    assert ("user", "u1") in c.touched()
+    assert c.stale(b + 25 * HOUR + 5 * MIN + 1) == [("user", "u1")]
 
 
 def test_touched_since_last_call():
@@ -244,6 +269,15 @@ def test_state_round_trip():
         EntityCounters(spec, allowed_lateness_ms=1).restore(a.state())
 
 
+def test_restored_counters_look_at_every_entity_again():
+    c = EntityCounters(SPEC)
+    c.seen(imp(10**9, user="u1"))
+    c.touched()
+    b = EntityCounters(SPEC)
+    b.restore(c.state())
+    assert b.stale(10**9 + 5 * MIN + 1) == c.stale(10**9 + 5 * MIN + 1) == [("user", "u1")]
+
+
 # -- the point-in-time property ---------------------------------------------------------------
 
 SMALL = FeatureSpec(entities={"user": ("user_id",), "item": ("item_id",),
@@ -256,9 +290,10 @@ event = st.tuples(st.integers(0, 400), st.integers(0, 3), st.integers(0, 2), st.
                   st.integers(0, 10**6))
 
 
-def _arrivals(events, unit, lateness):
+def _arrivals(events, unit, lateness, with_keys=False):
     """Arrival order: event time plus a jitter of at most ``lateness``, so every event is
-    within the lateness of all that arrived before it; a click never before its impression."""
+    within the lateness of all that arrived before it; a click never before its impression.
+    ``with_keys``: each arrival also carries its arrival time."""
     out, ts = [], 10**6
     for i, (dt, u, it, cat, delay, jit, cjit) in enumerate(events):
         ts += dt * unit
@@ -268,7 +303,7 @@ def _arrivals(events, unit, lateness):
         if delay is not None:
             cts = ts + delay * unit
             out.append((max(cts + cjit % (lateness + 1), key), len(out), 1, im, cts))
-    return [(kind, im, t) for _, _, kind, im, t in sorted(out)]
+    return [(kind, im, t, *(key,) * with_keys) for key, _, kind, im, t in sorted(out)]
 
 
 @settings(max_examples=150, deadline=None)
@@ -279,6 +314,38 @@ def test_seen_is_a_recount_strictly_before(events, exact_events, lateness):
     c = EntityCounters(SMALL, allowed_lateness_ms=lateness, exact_events=exact_events)
     play(c, Recount(SMALL), _arrivals(events, 1, lateness))
     assert c.late == c.late_dropped == 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(event, max_size=120), st.sampled_from([0, 3, 64]),
+       st.sampled_from([0, 600, 3000]))
+def test_snapshot_after_later_events_is_a_recount_strictly_before(events, exact_events,
+                                                                   lateness):
+    """As the join flow does it: every event counted on arrival, an impression's snapshot
+    taken once nothing before it can still arrive, later events counted by then."""
+    c = EntityCounters(SMALL, allowed_lateness_ms=lateness, exact_events=exact_events)
+    recount, waiting = Recount(SMALL), []
+
+    def snapshot_until(ts_limit):
+        while waiting and waiting[0][0] <= ts_limit:
+            ts, _, im = heapq.heappop(waiting)
+            keys = c.spec.entity_ids(im)
+            covers = [cover_if_tiled(c, k) for k in keys]
+            got = c.snapshot(im)
+            for key, cover in zip(keys, covers, strict=True):
+                recount.check(key, ts, got[key[0]], False, cover)
+
+    for i, (kind, im, ts, at) in enumerate(_arrivals(events, 1, lateness, with_keys=True)):
+        # Everything before ts has arrived once arrivals reach ts + lateness.
+        snapshot_until(at - lateness)
+        if kind == 0:
+            c.count(im)
+            heapq.heappush(waiting, (ts, i, im))
+        else:
+            c.clicked(im, ts)
+        for key in c.spec.entity_ids(im):
+            recount.add(key, kind, ts)
+    snapshot_until(float("inf"))
 
 
 @settings(max_examples=100, deadline=None)
