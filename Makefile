@@ -20,17 +20,22 @@ install: $(STAMP)
 
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "not slow" --doctest-modules joiner features tests
+	$(BIN)/python -m pytest -q -m "not slow" --doctest-modules joiner features learners tests
 
 test-all: install
-	$(BIN)/python -m pytest -q --doctest-modules joiner features tests
+	$(BIN)/python -m pytest -q --doctest-modules joiner features learners tests
 
 demo: install
 	$(BIN)/python -m flows.demo
 
 bench: install
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	$(BIN)/python bench/produce.py
 	$(BIN)/python bench/join.py
+	$(BIN)/python bench/features.py
+	$(BIN)/python bench/learners.py
+	$(BIN)/python bench/publish.py
+	$(BIN)/python bench/embeddings_core.py
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,0 +1,234 @@
+"""The hashing trick: an example (or a scoring request) as the sorted indices of its active
+binary features in ``[0, 2**bits)``, index 0 being the bias.
+
+One token per active feature, each hashed with CRC-32 (zlib: the same value in every process,
+on every machine, unlike the salted ``hash()``) into ``[1, 2**bits)``:
+
+* ``user_id=u17``, ``item_id=i42`` and ``name=value`` for every key of ``features``;
+* crosses, ``user_id^category=u17^c3``, from a tuple of field names each (config is data: a
+  field is looked up at the top level first, then in ``features``, as entities are in
+  features/spec.py); a cross with a missing field is left out;
+* a log bucket (``features.derived.log_bucket``) per counted entity and count feature,
+  ``user.imp_5m#3``; a missing ``counts``, entity or feature counts as 0, so a scoring request
+  whose entity Redis has never seen hashes like a training example whose count was 0;
+* with ``ctr_prior``, a bucket of each entity's smoothed CTR per window relative to the prior.
+
+Values are canonical: ``2``, ``2.0`` and ``"2"`` are the same token, so a value that went
+through Parquet or Redis as a float or a string still hits its training-time weight.
+
+>>> h = FeatureHasher(bits=20)
+>>> ex = {"user_id": "u17", "item_id": "i42", "label": 1,
+...       "features": {"category": "c3", "device": "mobile", "position": 2, "hour": 20},
+...       "counts": {"user": {"imp_5m": 3, "clk_5m": 0}}}
+>>> x = h.indices(ex)
+>>> int(x[0]), len(x), bool((x[1:] > 0).all() and (x[1:] < 2**20).all())
+(0, 40, True)
+>>> scoring = {"user_id": "u17", "item_id": "i42", "counts": {"user": {"imp_5m": 3.0}},
+...            "features": {"category": "c3", "device": "mobile", "position": "2", "hour": 20}}
+>>> bool((h.indices(scoring) == x).all())
+True
+>>> indptr, indices = h.batch([ex, scoring])
+>>> indptr.tolist() == [0, 40, 80]
+True
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from features.derived import BetaPrior, log_bucket
+from features.spec import FeatureSpec
+
+DEFAULT_CROSSES = (("user_id", "category"), ("item_id", "position"), ("device", "hour"))
+DEFAULT_FIELDS = ("user_id", "item_id")
+MAX_BUCKET = 64  # log buckets of counts below 2**64: every count there is
+CTR_BUCKETS = 8  # smoothed-CTR buckets: half-octaves of CTR / prior mean, clipped to +-this
+MAX_CACHE = 1 << 20  # cached value -> index entries per field; cleared (not evicted) past it
+_EMPTY: dict = {}
+_BIG = 1 << MAX_BUCKET
+
+
+def canonical(value) -> str:
+    """The token text of a value: integral floats and bools as ints, so 2 == 2.0 == "2"."""
+    t = type(value)
+    if t is str:
+        return value
+    if t is float and value.is_integer():
+        return str(int(value))
+    if t is bool:
+        return str(int(value))
+    return str(value)
+
+
+def _bucket(n) -> int:
+    """The log bucket of a count given as a float or text (b"3", "3.0"); a value that is no
+    number (NaN, "x") raises ValueError for the caller to dead-letter."""
+    if type(n) is not int:
+        n = int(n) if type(n) is float else int(float(n))
+    return min(log_bucket(n), MAX_BUCKET)
+
+
+class FeatureHasher:
+    """Hashes examples to sorted unique feature indices; see the module docstring.
+
+    ``count_features``: True counts the default entities and windows of
+    ``features.spec.FeatureSpec``; a mapping ``{entity: [count name, ...]}`` chooses; False
+    hashes no counts. ``ctr_prior`` (a ``BetaPrior``) adds smoothed-CTR buckets for each
+    ``imp_<w>``/``clk_<w>`` pair (off by default).
+    """
+
+    def __init__(
+        self,
+        bits: int = 20,
+        crosses: Iterable[Sequence[str]] = DEFAULT_CROSSES,
+        count_features: bool | Mapping[str, Sequence[str]] = True,
+        fields: Sequence[str] = DEFAULT_FIELDS,
+        ctr_prior: BetaPrior | None = None,
+    ):
+        if not 1 <= bits <= 32:  # CRC-32 gives 32 bits
+            raise ValueError(f"bits must be in 1..32, got {bits}")
+        self.bits = bits
+        self.size = 1 << bits
+        self.fields = tuple(fields)
+        self.crosses = tuple(tuple(c) for c in crosses)
+        for c in self.crosses:
+            if len(c) < 2 or not all(isinstance(f, str) and f for f in c):
+                raise ValueError(f"a cross needs at least two field names, got {c!r}")
+        if count_features is True:
+            spec = FeatureSpec()
+            count_features = dict.fromkeys(spec.entities, spec.feature_names())
+        elif not count_features:
+            count_features = {}
+        self.count_features = {e: tuple(names) for e, names in count_features.items()}
+        self.ctr_prior = ctr_prior
+        # Every count bucket's index, computed once: the hot path is a list lookup.
+        self._count_plan = tuple(
+            (
+                entity,
+                tuple(
+                    (name, [self._hash(f"{entity}.{name}#{b}") for b in range(MAX_BUCKET + 1)])
+                    for name in names
+                ),
+            )
+            for entity, names in self.count_features.items()
+        )
+        self._ctr_plan = ()
+        if ctr_prior is not None:
+            self._ctr_plan = tuple(
+                (
+                    entity,
+                    tuple(
+                        (
+                            name,
+                            f"clk_{name[4:]}",
+                            [
+                                self._hash(f"{entity}.ctr_{name[4:]}#{b}")
+                                for b in range(-CTR_BUCKETS, CTR_BUCKETS + 1)
+                            ],
+                        )
+                        for name in names
+                        if name.startswith("imp_")
+                    ),
+                )
+                for entity, names in self.count_features.items()
+            )
+        self._field_cache: dict[str, dict] = {}
+        self._cross_cache: dict[tuple[str, ...], dict] = {c: {} for c in self.crosses}
+        self._cross_names = {c: "^".join(c) for c in self.crosses}
+
+    def _hash(self, token: str) -> int:
+        # Modulo 2**bits - 1, plus 1: never 0, which is the bias's.
+        return zlib.crc32(token.encode()) % (self.size - 1) + 1
+
+    def _field_index(self, name: str, value) -> int:
+        cache = self._field_cache.get(name)
+        if cache is None:
+            cache = self._field_cache[name] = {}
+        # Keyed by the raw value: values equal as dict keys (2, 2.0, True == 1) have the same
+        # canonical text, so the cache never changes an answer.
+        i = cache.get(value)
+        if i is None:
+            if len(cache) >= MAX_CACHE:
+                cache.clear()
+            i = cache[value] = self._hash(f"{name}={canonical(value)}")
+        return i
+
+    def _raw(self, example: Mapping) -> list[int]:
+        """The indices of one example, unsorted, maybe repeated (hash collisions)."""
+        out = [0]
+        feats = example.get("features") or _EMPTY
+        field_index = self._field_index
+        for f in self.fields:
+            v = example.get(f)
+            if v is not None:
+                out.append(field_index(f, v))
+        for k, v in feats.items():
+            if v is not None:
+                out.append(field_index(k, v))
+        for cross in self.crosses:
+            values = []
+            for f in cross:
+                v = example.get(f)
+                if v is None:
+                    v = feats.get(f)
+                    if v is None:
+                        break
+                values.append(v)
+            else:
+                key = tuple(values)
+                cache = self._cross_cache[cross]
+                i = cache.get(key)
+                if i is None:
+                    if len(cache) >= MAX_CACHE:
+                        cache.clear()
+                    token = "^".join(map(canonical, values))
+                    i = cache[key] = self._hash(f"{self._cross_names[cross]}={token}")
+                out.append(i)
+        if self._count_plan:
+            counts = example.get("counts") or _EMPTY
+            for entity, names in self._count_plan:
+                c = counts.get(entity) or _EMPTY
+                for name, table in names:
+                    n = c.get(name, 0)
+                    # log_bucket inlined for ints below 2**64 (the usual case: this runs 30
+                    # times an example); anything else (a float, a str from Redis) goes through
+                    # it.
+                    if type(n) is int and 0 <= n < _BIG:
+                        out.append(table[n.bit_length()])
+                    else:
+                        out.append(table[_bucket(n)])
+            if self._ctr_plan:
+                self._ctr_indices(counts, out)
+        return out
+
+    def _ctr_indices(self, counts: Mapping, out: list[int]) -> None:
+        prior = self.ctr_prior
+        for entity, pairs in self._ctr_plan:
+            c = counts.get(entity) or _EMPTY
+            for imp_name, clk_name, table in pairs:
+                ratio = (
+                    prior.smoothed_ctr(float(c.get(clk_name, 0)), float(c.get(imp_name, 0)))
+                    / prior.mean
+                )
+                # Half-octave buckets: 0 at the prior, +-1 at 1.41x / 0.71x, ...
+                b = max(-CTR_BUCKETS, min(CTR_BUCKETS, round(2 * math.log2(ratio))))
+                out.append(table[b + CTR_BUCKETS])
+
+    def indices(self, example: Mapping) -> np.ndarray:
+        """Sorted unique int64 indices, 0 (the bias) first."""
+        return np.array(sorted(set(self._raw(example))), dtype=np.int64)
+
+    def batch(self, examples: Iterable[Mapping]) -> tuple[np.ndarray, np.ndarray]:
+        """``(indptr, indices)``, CSR style: example k's indices are
+        ``indices[indptr[k]:indptr[k + 1]]``, each row as ``indices()`` gives it."""
+        flat: list[int] = []
+        indptr = [0]
+        raw = self._raw
+        for ex in examples:
+            flat.extend(sorted(set(raw(ex))))
+            indptr.append(len(flat))
+        return np.array(indptr, dtype=np.int64), np.array(flat, dtype=np.int64)
