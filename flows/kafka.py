@@ -1,5 +1,5 @@
-"""Kafka wiring shared by the dataflows: a sink that checks delivery reports, dead-letter
-records, and the partition layout check."""
+"""Kafka wiring shared by the dataflows: a topic source with offsets in the recovery state, a
+sink that checks delivery reports, dead-letter records, and the partition layout check."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 import uuid
 
 import orjson
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -70,6 +71,63 @@ class KafkaRecordSink(DynamicSink):
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _RecordSinkPartition:
         return _RecordSinkPartition(self._cfg)
+
+
+class _TopicPartition(StatefulSourcePartition):
+    def __init__(self, cfg: Config, topic: str, part: int, resume: int | None,
+                 until_eof: bool) -> None:
+        self.topic, self.part, self.until_eof = topic, part, until_eof
+        self.batch_size = cfg.join.batch_size
+        self.consumer = Consumer(cfg.kafka_client(**{
+            "group.id": f"ctrstream-{topic}-{part}", "enable.auto.commit": False,
+            "enable.partition.eof": True, "auto.offset.reset": "earliest"}))
+        self.next_offset = OFFSET_BEGINNING if resume is None else resume
+        self.consumer.assign([TopicPartition(topic, part, self.next_offset)])
+        self.done = False
+
+    def next_batch(self) -> list:
+        if self.done:
+            raise StopIteration()
+        out = []
+        for msg in self.consumer.consume(self.batch_size, timeout=0.1):
+            err = msg.error()
+            if err is None:
+                out.append((self.part, msg.offset(), msg.value()))
+                self.next_offset = msg.offset() + 1
+            elif err.code() == KafkaError._PARTITION_EOF:
+                self.done = self.until_eof
+            else:
+                log.error("reading %s[%d]: %s", self.topic, self.part, err)
+                out.append((self.part, None, err))
+        return out
+
+    def snapshot(self) -> int:
+        return self.next_offset
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+class TopicSource(FixedPartitionedSource):
+    """Every partition of ``topic``, as ``(partition, offset, value)`` items; a consumer
+    error is ``(partition, None, KafkaError)``. Offsets live in the recovery state, so a
+    resumed flow reads on from its snapshot. ``until_eof``: stop at each partition's end."""
+
+    def __init__(self, cfg: Config, topic: str, until_eof: bool = False) -> None:
+        self.cfg, self.topic, self.until_eof = cfg, topic, until_eof
+
+    def list_parts(self) -> list[str]:
+        md = AdminClient(self.cfg.kafka_client()).list_topics(self.topic, timeout=10)
+        t = md.topics.get(self.topic)
+        if t is None or t.error is not None or not t.partitions:
+            raise RuntimeError(f"topic {self.topic!r} not found on "
+                               f"{self.cfg.kafka.bootstrap_servers} (run `ctrstream topics "
+                               "create`)")
+        return [str(p) for p in sorted(t.partitions)]
+
+    def build_part(self, step_id: str, for_part: str, resume_state) -> _TopicPartition:
+        return _TopicPartition(self.cfg, self.topic, int(for_part), resume_state,
+                               self.until_eof)
 
 
 def dead_letter(cfg: Config, source_topic: str, partition: int, offset: int | None,
