@@ -235,13 +235,18 @@ class FeatureStore:
         return self.get_many(entity, [id])[0]
 
     def get_many(self, entity: str, ids: list[str]) -> list[Row]:
-        """`get` for many ids of one entity in one round trip (one pipeline of HMGETs, led by
+        """`get` for many ids of one entity in one round trip."""
+        return self.get_pairs([(entity, id_) for id_ in ids])
+
+    def get_pairs(self, pairs: list[tuple[str, str]]) -> list[Row]:
+        """`get` for many (entity, id) pairs in one round trip (one pipeline of HMGETs, led by
         the meta key so a schema change is noticed on every read at no extra round trip)."""
-        self._check_entity(entity)
+        for entity in {e for e, _ in pairs}:
+            self._check_entity(entity)
         pipe = self.client.pipeline(transaction=False)
         pipe.execute_command("HMGET", self.meta_key, "version", "features")
         fields = self._read_fields
-        for id_ in ids:
+        for entity, id_ in pairs:
             pipe.execute_command("HMGET", self.key(entity, id_), *fields)
         replies = pipe.execute()
         self._check_meta(*replies[0])

@@ -11,7 +11,8 @@ import sys
 from flows.config import ConfigError, load_config
 
 # Modules that add subcommands, in the order `--help` lists them.
-COMMAND_MODULES = ["flows.stack", "flows.produce", "flows.run", "flows.features_cli"]
+COMMAND_MODULES = ["flows.stack", "flows.produce", "flows.run", "flows.features_cli",
+                   "flows.score_cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -125,15 +125,50 @@ class FeaturesConfig:
 
 @dataclass(frozen=True)
 class LearnConfig:
+    """The learn flow (flows/learn.py), the models it keeps and the daily retrain."""
+
     hash_bits: int = 20
+    # Crossed features, each "field,field" (looked up like feature entities: top level first,
+    # then in an impression's `features`).
+    crosses: list[str] = field(default_factory=lambda: [
+        "user_id,category", "item_id,position", "device,hour"])
     ftrl_alpha: float = 0.1
     ftrl_beta: float = 1.0
     ftrl_l1: float = 1.0
     ftrl_l2: float = 1.0
     bopr_beta: float = 1.0
     bopr_prior_variance: float = 0.01
+    # Embedding model (learners/embeddings.py): rows per ID after `emb_min_count` sightings.
+    emb_dim: int = 16
+    emb_min_count: int = 2
+    emb_fallback_rows: int = 1024
+    emb_evict_after_days: float = 7.0
+    emb_lr: float = 0.2
+    emb_max_dirty: int = 100_000
+    # Negatives are learned at this rate (1: all); predictions are recalibrated.
+    negative_sample_rate: float = 1.0
+    # An example id seen again within this much event time is a duplicate (the join's output
+    # is at-least-once).
+    dedup_horizon_ms: int = 2 * 3_600_000
+    # Impression fields that describe the item (not the request): kept in Redis for scoring.
+    item_attributes: list[str] = field(default_factory=lambda: ["category"])
+    # Changed weights and rows go to Redis this often; a full new version this often.
     push_interval_s: float = 5.0
-    snapshot_interval_s: float = 300.0
+    snapshot_interval_s: float = 900.0
+    log_interval_s: float = 10.0
+    metrics_window: int = 100_000
+    # Model store (learners/publish.py): versions retired by a daily retrain stay readable
+    # `keep_days`; the learn flow's own periodic versions `online_keep_hours`.
+    store_name: str = "ctr"
+    keep_days: float = 7.0
+    online_keep_hours: float = 2.0
+    # Daily retrain: the last `holdout_fraction` of the day (by event time) is held out, and
+    # a model whose NE there is worse than the online model's by more than `max_ne_regression`
+    # is not published.
+    holdout_fraction: float = 0.1
+    max_ne_regression: float = 0.005
+    retrain_batch_size: int = 512
+    seed: int = 0
 
 
 @dataclass(frozen=True)

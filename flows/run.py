@@ -24,7 +24,7 @@ from flows.config import Config
 
 log = logging.getLogger(__name__)
 
-FLOWS = {"join": "flows.join"}
+FLOWS = {"join": "flows.join", "learn": "flows.learn"}
 
 
 def recovery_config(cfg: Config, flow: str, partitions: int) -> RecoveryConfig:

@@ -58,7 +58,7 @@ CHUNK_MOVE_LOW, CHUNK_MOVE_HIGH = 0.1, 0.3
 MAX_LOGIT = 35.0  # sigmoid(35) is 1 - 6e-16: beyond it exp() only risks overflow
 
 
-def _sigmoid(s):
+def sigmoid(s):
     return 1.0 / (1.0 + np.exp(-np.clip(s, -MAX_LOGIT, MAX_LOGIT)))
 
 
@@ -106,19 +106,19 @@ class FTRLProximal:
         return np.copysign(shrunk, -z) / ((self.beta + np.sqrt(n)) / self.alpha + self.l2) + 0.0
 
     def predict_one(self, x) -> float:
-        return float(_sigmoid(self.weights(x).sum()))
+        return float(sigmoid(self.weights(x).sum()))
 
     def predict_many(self, indptr, indices) -> np.ndarray:
         indptr = np.asarray(indptr)
         s = np.bincount(csr_rows(indptr), weights=self.weights(indices), minlength=len(indptr) - 1)
-        return _sigmoid(s)
+        return sigmoid(s)
 
     # -- learning -----------------------------------------------------------------------------
 
     def learn_one(self, x, y, weight: float = 1.0) -> float:
         """One FTRL step; returns the prediction made before it (progressive validation)."""
         w = self.weights(x)
-        p = float(_sigmoid(w.sum()))
+        p = float(sigmoid(w.sum()))
         g = weight * (p - y)
         n = self.n[x]
         n_new = n + g * g
@@ -163,7 +163,7 @@ class FTRLProximal:
         slot[uniq] = np.arange(len(uniq))
         inv = slot[indices]
         w = self.weights(uniq)
-        p = _sigmoid(np.bincount(rows, weights=w[inv], minlength=len(y)))
+        p = sigmoid(np.bincount(rows, weights=w[inv], minlength=len(y)))
         g = p - y if wt is None else wt * (p - y)
         g_entry = g[rows]
         g_sum = np.bincount(inv, weights=g_entry, minlength=len(uniq))

@@ -300,7 +300,8 @@ class ModelStore:
         pipe.execute()
         return version
 
-    def publish(self, version: str, expected_current: str | None = ANY) -> str | None:
+    def publish(self, version: str, expected_current: str | None = ANY,
+                keep_days: float | None = None) -> str | None:
         """Make ``version`` the current one, atomically; returns the previous version (None
         if there was none; ``version`` itself if it was already current).
 
@@ -308,10 +309,11 @@ class ModelStore:
         ``expected_current=store.current()`` always works), refuse with `PublishConflict`
         when another publisher got there first; the default `ANY` does not check. Refuses a
         version without meta (incomplete) or one that does not exist. The previous version's
-        keys expire after keep_days.
+        keys expire after keep_days (this store's, unless given here).
         """
         check = expected_current != ANY
-        args = [version, "1" if check else "0", expected_current or "", self.keep_ms,
+        keep_ms = self.keep_ms if keep_days is None else max(1, int(keep_days * 86_400_000))
+        args = [version, "1" if check else "0", expected_current or "", keep_ms,
                 f"{self.prefix}:v:"]
         keys = [self.pointer_key, self.key(version, "keys"), self.key(version, "meta")]
         try:

@@ -1,0 +1,140 @@
+"""The learn flow on the real broker and Redis: generator -> join flow -> learn flow -> scores
+read back from Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from flows.kafka import read_topics
+from flows.learn import stats_path
+from flows.produce import produce
+from flows.run import run_flow
+from flows.simulator import Faults, StreamSpec
+from learners.archive import ExampleArchive
+from learners.model import Models, usable
+from learners.publish import from_config as model_store
+from learners.scorer import Scorer
+
+pytestmark = pytest.mark.integration
+
+IMPRESSIONS = 40_000
+
+
+def learn_config(cfg, tmp_path: Path):
+    tag = uuid.uuid4().hex[:8]
+    return cfg.replace(
+        data_dir=str(tmp_path / "data"), recovery_dir=str(tmp_path / "recovery"),
+        join={"wait_window_ms": 10 * 60_000, "idle_timeout_s": 600.0},
+        features={"store_prefix": f"f{tag}"},
+        learn={"store_name": f"t{tag}", "push_interval_s": 0.5, "log_interval_s": 0.5},
+        generator={"max_click_delay_s": 3600.0})
+
+
+@pytest.fixture
+def joined(fresh_topics, tmp_path):
+    """A config whose `examples` topic holds the join flow's output of a generator stream
+    with every fault on, and those example records."""
+    cfg = learn_config(fresh_topics, tmp_path)
+    spec = StreamSpec(seed=9, impressions=IMPRESSIONS, faults=Faults.preset(IMPRESSIONS, 0.03))
+    produce(cfg, spec, truth_dir=tmp_path / "truth")
+    run_flow(cfg, "join", until_eof=True, recovery=False)
+    records = [orjson.loads(m.value()) for m in read_topics(cfg, [cfg.kafka.examples_topic])]
+    return cfg, records
+
+
+def expected_counts(records: list[dict]) -> dict:
+    examples = [r for r in records if r["kind"] == "example"]
+    ids = {r["impression_id"] for r in examples}
+    return {"in": len(records), "learned": len({r["impression_id"] for r in examples
+                                                 if usable(r)}),
+            "duplicates": len(examples) - len(ids),
+            "corrections": len(records) - len(examples), "dead_letters": 0}
+
+
+def check_learned_once(cfg, records: list[dict]) -> dict:
+    stats = orjson.loads(stats_path(cfg).read_bytes())
+    want = expected_counts(records)
+    assert {k: stats["counts"][k] for k in want} == want
+    archive = ExampleArchive(Path(cfg.data_dir) / "archive")
+    archived = [r["impression_id"] for d in archive.days() for r in archive.read_examples(d)]
+    assert len(archived) == len(set(archived)) == len(
+        {r["impression_id"] for r in records if r["kind"] == "example"})
+    return stats
+
+
+def test_learn_flow_learns_publishes_and_scores_from_redis(joined):
+    cfg, records = joined
+    run_flow(cfg, "learn", until_eof=True, recovery=True)
+    stats = check_learned_once(cfg, records)
+    for name, m in stats["metrics"].items():
+        assert m["ne"] < 1.0, (name, m)  # better than the best constant prediction
+        if name != "emb":
+            assert 0.85 < m["calibration"] < 1.15, (name, m)
+
+    # The scores read from Redis are the learner's own predictions for the same input.
+    store = model_store(cfg, name=cfg.learn.store_name)
+    version = store.current()
+    assert store.get_meta(version)["examples"] == stats["counts"]["learned"]
+    models = Models.load(cfg.learn, store, version)
+    scorer = Scorer.from_config(cfg)
+    rng = np.random.default_rng(0)
+    sample = [records[i] for i in rng.choice(len(records), 30, replace=False)]
+    items = sorted({r["item_id"] for r in sample if "item_id" in r})[:10] + ["never-seen"]
+    context = {"device": "mobile", "position": 2, "hour": 20}
+    for user in sorted({r["user_id"] for r in sample if "user_id" in r})[:5] + ["nobody"]:
+        _, examples = scorer.examples(user, items, context)
+        want = models.predict(examples)
+        got = scorer.score(user, items, context)
+        assert scorer.version == version
+        for name in ("ftrl", "bopr", "emb"):
+            np.testing.assert_allclose([g[name] for g in got], want[name], rtol=0, atol=1e-6)
+
+    # ... and `ctrstream score` prints them, ranked.
+    cfg_path = Path(cfg.data_dir) / "ctrstream.toml"
+    cfg_path.write_text(cfg.to_toml())
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "--config", str(cfg_path), "score", "--user", user,
+         "--items", ",".join(items), "--device", "mobile", "--position", "2", "--hour", "20",
+         "--by", "bopr", "--json"], capture_output=True, check=True)
+    printed = orjson.loads(out.stdout)
+    assert printed["version"] == version
+    assert [s["bopr"] for s in printed["scores"]] == sorted((g["bopr"] for g in got),
+                                                            reverse=True)
+
+
+def _learn_process(cfg_path: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "--config", str(cfg_path), "run", "learn",
+         "--snapshot-interval", "0.3", *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def test_sigkill_mid_stream_then_resume_learns_each_example_once(joined, tmp_path):
+    cfg, records = joined
+    cfg_path = tmp_path / "ctrstream.toml"
+    cfg_path.write_text(cfg.to_toml())
+    proc = _learn_process(cfg_path)
+    deadline = time.monotonic() + 60
+    while not (stats_path(cfg).exists() and orjson.loads(
+            stats_path(cfg).read_bytes())["counts"]["learned"] > 2000):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "the learn flow made no progress"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = orjson.loads(stats_path(cfg).read_bytes())["counts"]["learned"]
+    assert killed_at < expected_counts(records)["learned"]  # the kill landed mid-stream
+    proc = _learn_process(cfg_path, "--until-eof")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    check_learned_once(cfg, records)
