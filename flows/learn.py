@@ -126,7 +126,7 @@ class LearnLogic(StatefulBatchLogic):
         self.counts["dead_letters"] += len(out)
         if examples:
             self.to_archive += examples
-            got = self.models.learn(examples)
+            got = self.models.learn(examples, annotate=True)
             self.counts["learned"] += got["examples"]
             self.counts["skipped"] += len(examples) - got["examples"]
         self._on_time(time.monotonic())

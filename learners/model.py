@@ -100,25 +100,31 @@ class Models:
                                                                                    self.rate)
         return p
 
-    def learn(self, examples: Sequence[Mapping]) -> dict[str, int]:
+    def learn(self, examples: Sequence[dict], annotate: bool = False) -> dict[str, int]:
         """Predict (for the metrics), then learn the usable examples, ``MICRO_BATCH`` at a
         time: a prediction made with weights older than that costs log loss at a cold start,
-        and FTRL overshoots on larger batches. Returns counts."""
+        and FTRL overshoots on larger batches. With ``annotate`` each usable example gets
+        ``online_p``: the models' predictions before learning it (the daily retrain compares
+        itself with those). Returns counts."""
         batch = [e for e in examples if usable(e)]
         learned = s = 0
         while s < len(batch):
-            learned += self._learn(batch[s:s + self.micro_batch])
+            learned += self._learn(batch[s:s + self.micro_batch], annotate)
             s += self.micro_batch
             # From 1 up: a fresh model's first predictions are not made by an empty model
             # for a whole micro-batch.
             self.micro_batch = min(2 * self.micro_batch, MICRO_BATCH)
         return {"examples": len(batch), "learned": learned}
 
-    def _learn(self, batch: list[Mapping]) -> int:
+    def _learn(self, batch: list[dict], annotate: bool) -> int:
         csr = self.hasher.batch(batch)
         y = np.fromiter((e["label"] for e in batch), np.float64, len(batch))
-        for name, p in self.predict(batch, csr).items():
+        predictions = self.predict(batch, csr)
+        for name, p in predictions.items():
             self.metrics[name].update_many(p, y)
+        if annotate:
+            for i, e in enumerate(batch):
+                e["online_p"] = {name: float(p[i]) for name, p in predictions.items()}
         if self.rate < 1:
             keep = keep_many([e["impression_id"] for e in batch], y, self.rate)
             csr = take_rows(*csr, keep)
