@@ -1,5 +1,6 @@
 """`make demo`: start the local stack, produce a simulated hour of events with every fault on,
-run the join flow to the end of the input, and show what came out next to the ground truth.
+run the join flow and then the learn flow to the end of the input, and show what came out next
+to the ground truth: join coverage, model quality, a feature and a score read back from Redis.
 
 Each run uses fresh topic names, so it can be repeated on a running stack.
 """
@@ -18,10 +19,20 @@ import orjson
 from features.store import from_config
 from flows.config import load_config
 from flows.kafka import read_topics
+from flows.learn import stats_path
 from flows.produce import produce, summary
 from flows.run import run_flow
-from flows.simulator import Faults, StreamSpec, coverage, expected_labels, read_truth
+from flows.simulator import (
+    Faults,
+    StreamSpec,
+    bayes_log_loss,
+    coverage,
+    expected_labels,
+    read_truth,
+)
 from flows.stack import LocalStack, create_topics
+from learners.metrics import entropy
+from learners.scorer import Scorer
 
 
 def show_features(cfg, examples: list[dict]) -> None:
@@ -35,10 +46,43 @@ def show_features(cfg, examples: list[dict]) -> None:
     names = [n for n in row if not n.startswith("_")]
     print(f"== real-time counts of user {user} ({users[user]} impressions in the hour)")
     print(f"   {'feature':10} {'on its last example':>20} {'in Redis':>10}  (Redis: as of the "
-          "user's last event, a click maybe)")
+          f"stream's newest event, {(row['_ts'] - last['ts']) / 60000:.0f} min later)")
     for n in names:
         print(f"   {n:10} {last['counts']['user'][n]:>20} {row[n]:>10}")
     print(f"   read back with: ctrstream features get user {user}")
+    return user
+
+
+def show_learning(cfg, truth, examples: list[dict], user: str) -> None:
+    stats = orjson.loads(stats_path(cfg).read_bytes())
+    c = stats["counts"]
+    print(f"   {c['learned']:,} examples learned, {c['duplicates']:,} duplicates dropped, "
+          f"{c['corrections']:,} late-click corrections archived; model version "
+          f"{stats['version']} published")
+    print("== model quality, progressive (each example predicted before it is learned)")
+    ctr = float(np.mean([e["label"] for e in examples]))
+    bayes = bayes_log_loss(truth, cfg.join.wait_window_ms) / entropy(ctr)
+    print(f"   {'model':24} {'NE':>7} {'calibration':>12} {'AUC':>7}")
+    names = {"ftrl": "FTRL-Proximal", "bopr": "BOPR", "emb": "ID embeddings (torch)"}
+    for name, m in stats["metrics"].items():
+        print(f"   {names[name]:24} {m['ne']:7.4f} {m['calibration']:12.3f} {m['auc']:7.3f}")
+    print(f"   {'Bayes-optimal (true p)':24} {bayes:7.4f}   (the floor: NE of the generator's "
+          "own probabilities)")
+    items = []
+    for e in reversed(examples):
+        if e["item_id"] not in items:
+            items.append(e["item_id"])
+        if len(items) == 5:
+            break
+    context = {"device": "mobile", "position": 0, "hour": 20}
+    scores = Scorer.from_config(cfg).score(user, items, context)
+    scores.sort(key=lambda s: s["emb"], reverse=True)
+    print(f"== scores of user {user} for 5 items, read back from Redis ({context})")
+    print(f"   {'item':10} {'emb':>8} {'bopr':>8} {'ftrl':>8}")
+    for s in scores:
+        print(f"   {s['item_id']:10} {s['emb']:8.4f} {s['bopr']:8.4f} {s['ftrl']:8.4f}")
+    print(f"   read back with: ctrstream score --user {user} --items {','.join(items)} "
+          "--hour 20")
 
 
 def main() -> int:
@@ -51,6 +95,8 @@ def main() -> int:
     base = Path(cfg.data_dir) / "demo" / run_id
     cfg = stack.config(cfg).replace(
         data_dir=str(base), recovery_dir=str(base / "recovery"),
+        features={"enabled": True, "store_prefix": f"f-{run_id}"},
+        learn={"store_name": f"demo-{run_id}"},
         kafka={t: f"{name}-{run_id}" for t, name in [
             ("impressions_topic", "impressions"), ("clicks_topic", "clicks"),
             ("examples_topic", "examples"), ("dead_letters_topic", "dead-letters")]})
@@ -101,8 +147,12 @@ def main() -> int:
     for d in dead:
         reasons[d["reason"].split(":")[0]] = reasons.get(d["reason"].split(":")[0], 0) + 1
     print(f"   dead-letter reasons               {reasons}")
-    if cfg.features.enabled:
-        show_features(cfg, ex)
+    user = show_features(cfg, ex)
+    print("== learn flow: FTRL, BOPR and the embedding model, to end of input")
+    t0 = time.monotonic()
+    run_flow(cfg, "learn", until_eof=True, recovery=False)
+    print(f"   {time.monotonic() - t0:.1f} s")
+    show_learning(cfg, truth, ex, user)
     print("== the stack keeps running: `ctrstream stack status`, `ctrstream stack down`")
     return 0 if (got == want).all() else 1
 

@@ -34,7 +34,7 @@ EPS = 1e-15  # predictions are clipped to [EPS, 1 - EPS] for the log loss
 LOGIT_RANGE = 16.0
 
 
-def _entropy(ctr: float) -> float:
+def entropy(ctr: float) -> float:
     if not 0.0 < ctr < 1.0:
         return float("nan")
     return -(ctr * math.log(ctr) + (1.0 - ctr) * math.log(1.0 - ctr))
@@ -49,7 +49,7 @@ def log_loss(p, y) -> np.ndarray:
 def normalized_entropy(p, y) -> float:
     """Mean log loss / entropy of the empirical CTR of ``y``."""
     y = np.asarray(y, dtype=np.float64)
-    return float(log_loss(p, y).mean()) / _entropy(float(y.mean())) if len(y) else float("nan")
+    return float(log_loss(p, y).mean()) / entropy(float(y.mean())) if len(y) else float("nan")
 
 
 def exact_auc(p, y) -> float:
@@ -128,7 +128,7 @@ class ProgressiveMetrics:
         out.update(
             ctr=ctr,
             log_loss=loss,
-            ne=loss / _entropy(ctr) if self.n else nan,
+            ne=loss / entropy(ctr) if self.n else nan,
             calibration=(self.sum_p / self.n) / ctr if self.n and ctr > 0 else nan,
             auc=self._binned_auc(),
         )
@@ -140,7 +140,7 @@ class ProgressiveMetrics:
             window_n=k,
             window_ctr=w_ctr,
             window_log_loss=w_loss,
-            window_ne=w_loss / _entropy(w_ctr) if k else nan,
+            window_ne=w_loss / entropy(w_ctr) if k else nan,
             window_calibration=float(p.mean()) / w_ctr if k and w_ctr > 0 else nan,
             window_auc=exact_auc(p, y) if k else nan,
         )
