@@ -117,10 +117,11 @@ class EntityCounters:
         self.count(imp)
         return out
 
-    def count(self, imp) -> None:
-        """Count an impression for each of its entities."""
+    def count(self, imp) -> list[tuple[str, str]]:
+        """Count an impression for each of its entities; returns them (for `snapshot`)."""
         ts, touched, entities, due = imp.ts, self._touched, self._entities, self._due
-        for name, eid in self.spec.entity_ids(imp):
+        ids = self.spec.entity_ids(imp)
+        for name, eid in ids:
             ents = entities[name]
             e = ents.get(eid)
             if e is None:
@@ -128,13 +129,15 @@ class EntityCounters:
             else:
                 self._add(e, ts, IMPS)
             touched.add((name, eid))
+        return ids
 
-    def snapshot(self, imp) -> dict[str, dict[str, int]]:
+    def snapshot(self, imp, ids: list[tuple[str, str]] | None = None
+                 ) -> dict[str, dict[str, int]]:
         """Each entity's values as of ``imp.ts``: the events before it, whatever has been
         counted since (exact while ``imp.ts`` is within the allowed lateness of the entity's
-        newest event)."""
+        newest event). ``ids``: its entities, as `count` returned them."""
         ts, out, entities, query = imp.ts, {}, self._entities, self._query
-        for name, eid in self.spec.entity_ids(imp):
+        for name, eid in ids if ids is not None else self.spec.entity_ids(imp):
             e = entities[name].get(eid)
             out[name] = self._zero.copy() if e is None else query(e, ts)
         return out

@@ -41,7 +41,8 @@ class CountersLogic(StatefulBatchLogic):
         self.partitions = partitions
         self.watermarks: dict[int, int] = {}
         self.waiting: list[tuple] = []  # heap of (ts, seq, kind, value), not yet counted
-        self.snapshots: list[tuple] = []  # heap of (ts, seq, impression): counted, no snapshot
+        # heap of (ts, seq, impression, its entities): counted, no snapshot yet
+        self.snapshots: list[tuple] = []
         self.seq = 0
         self.newest = 0
         if resume is not None:
@@ -67,15 +68,14 @@ class CountersLogic(StatefulBatchLogic):
             next_ts = waiting[0][0] if waiting and waiting[0][0] <= limit else None
             while snapshots and snapshots[0][0] <= low and (
                     next_ts is None or snapshots[0][0] <= next_ts):
-                imp = heapq.heappop(snapshots)[2]
+                _, _, imp, ids = heapq.heappop(snapshots)
                 # as JSON bytes: bytewax deep-copies keyed state, and bytes copy for free
-                out.append((PIT, (imp.impression_id, orjson.dumps(c.snapshot(imp)))))
+                out.append((PIT, (imp.impression_id, orjson.dumps(c.snapshot(imp, ids)))))
             if next_ts is None:
                 break
             ts, seq, kind, value = heapq.heappop(waiting)
             if kind == SEEN:
-                c.count(value)
-                heapq.heappush(snapshots, (ts, seq, value))
+                heapq.heappush(snapshots, (ts, seq, value, c.count(value)))
             else:
                 c.clicked(*value)
             self.newest = max(self.newest, ts)
