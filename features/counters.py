@@ -198,6 +198,10 @@ class EntityCounters:
             heappush(heap, (due, name, eid))
         return out
 
+    def keys(self):
+        """Every (entity, id) counted and not forgotten."""
+        return ((name, eid) for name, ents in self._entities.items() for eid in ents)
+
     def __len__(self) -> int:
         return sum(len(ents) for ents in self._entities.values())
 

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 Number = int | float
 Row = dict[str, Number | bool | None]
 
+META_CHECK_S = 10.0  # a writer checks that the meta key is still there this often
+
 # Entity names become part of a SCAN pattern and of the hash tag: keep them plain.
 _ENTITY = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -114,6 +116,7 @@ class FeatureStore:
         self._version_raw = str(self.schema_version).encode()
         self._defaults: dict[str, Number] = dict.fromkeys(feature_names, 0)
         self._meta_written = False
+        self._meta_due = 0.0
         self._meta_ok_raw: bytes | None = None  # the meta feature list already checked
         self._entities_ok: set[str] = set()
 
@@ -204,8 +207,10 @@ class FeatureStore:
         written, which is harmless because writing them again gives the same values."""
         for (entity, _), values in rows.items():
             self.validate(entity, values)
-        if not self._meta_written:
+        if not self._meta_written or time.monotonic() >= self._meta_due:
+            # Again now and then: a Redis restarted empty must get its meta key back.
             self._write_meta()
+            self._meta_due = time.monotonic() + META_CHECK_S
         one_ts = ts_ms if isinstance(ts_ms, int) else None
         pipe = self.client.pipeline(transaction=False)
         queued = 0
@@ -331,9 +336,10 @@ class BufferedWriter:
     `put` keeps only the latest values per (entity, id) — only the state at flush time matters,
     since writes are absolute. A flush happens when ``max_pending`` entities are pending, when
     `maybe_flush` finds ``flush_interval_s`` passed, or on `flush`. When Redis fails, the flush
-    retries with exponential backoff and keeps every pending value; after ``give_up_s`` it
-    raises `StoreUnavailable` (values still pending) so the caller decides: stop, or keep
-    buffering and flush later. Not thread-safe: one writer per dataflow worker.
+    retries with exponential backoff and keeps every pending value, holding its caller back;
+    with ``give_up_s`` > 0 it raises `StoreUnavailable` after that long (values still pending)
+    so the caller decides: stop, or keep buffering and flush later. Not thread-safe: one
+    writer per dataflow worker.
     """
 
     def __init__(self, store: FeatureStore, flush_interval_s: float = 0.5,
@@ -401,14 +407,15 @@ class BufferedWriter:
                 attempt += 1
                 waited = self._clock() - started
                 why = _scrub(f"{type(e).__name__}: {e}", _password(self.store.client))
-                if waited >= self.give_up_s:
+                if self.give_up_s and waited >= self.give_up_s:
                     msg = (f"feature store {self.store.where} unreachable for {waited:.1f} s "
                            f"({attempt} attempts, {len(self._values)} entities kept "
                            f"pending): {why}")
                     log.error("%s", msg)
                     raise StoreUnavailable(msg) from None
-                delay = min(self.backoff_initial_s * 2 ** (attempt - 1), self.backoff_max_s,
-                            self.give_up_s - waited)
+                delay = min(self.backoff_initial_s * 2 ** (attempt - 1), self.backoff_max_s)
+                if self.give_up_s:
+                    delay = min(delay, self.give_up_s - waited)
                 log.warning("feature store %s: write of %d entities failed (attempt %d), "
                             "retrying in %.2f s: %s", self.store.where, len(self._values),
                             attempt, delay, why)

@@ -119,8 +119,9 @@ class FeaturesConfig:
     store_ttl_s: int = 2 * 86_400  # 0: never expire
     store_flush_interval_s: float = 0.2
     store_max_pending: int = 5000
-    # A writer that cannot reach Redis for this long raises (its pending values are kept).
-    store_give_up_s: float = 60.0
+    # A writer that cannot reach Redis retries with backoff, holding the flow back; after
+    # this long it raises instead (its pending values kept). 0: retry for ever.
+    store_give_up_s: float = 0.0
 
 
 @dataclass(frozen=True)

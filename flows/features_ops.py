@@ -4,18 +4,23 @@ point-in-time counts to each example, and the Redis sink. The logic lives in fea
 from __future__ import annotations
 
 import heapq
+import logging
 import time
 
 import orjson
+import redis
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
 from features.counters import EntityCounters
 from features.spec import FeatureSpec
-from features.store import from_config, writer_from_config
+from features.store import connect, from_config, writer_from_config
 from flows.config import Config
 from joiner.join import EXAMPLE, SEEN
 
+log = logging.getLogger(__name__)
+
+REDIS_CHECK_S = 5.0  # how often the counters check that Redis still holds what they wrote
 WATERMARK = "watermark"  # (partition, ts): that partition has joined everything before ts
 DONE = 2**62  # the watermark of a partition that has reached the end of its input
 PIT = "pit"  # (impression_id, JSON of {entity: {feature: count}}) as of the impression's ts
@@ -34,9 +39,13 @@ class CountersLogic(StatefulBatchLogic):
     ts has been counted by then, and the query as of ts leaves out what came after (exactly,
     since nothing more than the lateness after it has been counted)."""
 
-    def __init__(self, spec: FeatureSpec, allowed_lateness_ms: int, partitions: int,
-                 resume) -> None:
+    def __init__(self, cfg: Config, spec: FeatureSpec, partitions: int, resume) -> None:
+        allowed_lateness_ms = cfg.features.allowed_lateness_ms
         self.counters = EntityCounters(spec, allowed_lateness_ms)
+        self.redis = connect(cfg)
+        self.marker = f"{cfg.features.store_prefix}:counters-alive"
+        self.marker_set = False  # set once: its absence later means Redis lost our writes
+        self.next_check = 0.0
         self.lead_ms = allowed_lateness_ms
         self.partitions = partitions
         self.watermarks: dict[int, int] = {}
@@ -47,7 +56,7 @@ class CountersLogic(StatefulBatchLogic):
         self.newest = 0
         if resume is not None:
             self.counters.restore(resume["counters"])
-            for name in ("watermarks", "waiting", "snapshots", "seq", "newest"):
+            for name in ("watermarks", "waiting", "snapshots", "seq", "newest", "marker_set"):
                 setattr(self, name, resume[name])
 
     def on_batch(self, values: list) -> tuple[list, bool]:
@@ -81,14 +90,30 @@ class CountersLogic(StatefulBatchLogic):
             self.newest = max(self.newest, ts)
         newest = self.newest
         changed = c.touched().union(c.stale(newest))
+        if self._redis_lost(time.monotonic()):
+            changed |= set(c.keys())
+            log.warning("feature store: Redis lost what was written (restarted empty?): "
+                        "writing all %d entities again", len(changed))
         if changed:
             out.append((ROWS, [(e, i, c.values(e, i, newest), newest) for e, i in changed]))
         return out, StatefulBatchLogic.RETAIN
 
+    def _redis_lost(self, now: float) -> bool:
+        """Every REDIS_CHECK_S: is the marker this step set in Redis gone?"""
+        if now < self.next_check:
+            return False
+        self.next_check = now + REDIS_CHECK_S
+        try:
+            missing = self.redis.set(self.marker, 1, nx=True)
+        except redis.RedisError:
+            return False  # an outage: the store's writer waits it out
+        lost, self.marker_set = bool(missing) and self.marker_set, True
+        return lost
+
     def snapshot(self) -> dict:
         return {"counters": self.counters.state(), "watermarks": self.watermarks,
                 "waiting": self.waiting, "snapshots": self.snapshots, "seq": self.seq,
-                "newest": self.newest}
+                "newest": self.newest, "marker_set": self.marker_set}
 
 
 def attach(state: dict | None, value: tuple) -> tuple[dict | None, list]:

@@ -226,8 +226,7 @@ def build(cfg: Config | str | None = None, until_eof: bool = False) -> Dataflow:
         signals = op.filter_map("signals", records, lambda r: r[1] if r[0] == SIGNAL else None)
         counted = op.stateful_batch(
             "counters", op.key_on("one_key", signals, fo.signal_key),
-            lambda resume: fo.CountersLogic(spec, cfg.features.allowed_lateness_ms,
-                                            input_partitions(cfg), resume))
+            lambda resume: fo.CountersLogic(cfg, spec, input_partitions(cfg), resume))
         pit = op.filter_map("pit", counted, lambda kv: kv[1][1] if kv[1][0] == fo.PIT else None)
         rows = op.filter_map("rows", counted,
                              lambda kv: (kv[0], kv[1][1]) if kv[1][0] == fo.ROWS else None)

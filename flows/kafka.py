@@ -7,6 +7,7 @@ import base64
 import logging
 import time
 import uuid
+from collections.abc import Callable, Mapping
 
 import orjson
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
@@ -111,10 +112,14 @@ class _TopicPartition(StatefulSourcePartition):
 class TopicSource(FixedPartitionedSource):
     """Every partition of ``topic``, as ``(partition, offset, value)`` items; a consumer
     error is ``(partition, None, KafkaError)``. Offsets live in the recovery state, so a
-    resumed flow reads on from its snapshot. ``until_eof``: stop at each partition's end."""
+    resumed flow reads on from its snapshot; without one, from ``start_offsets()[partition]``
+    (when given and it has the partition), else from the beginning. ``until_eof``: stop at
+    each partition's end."""
 
-    def __init__(self, cfg: Config, topic: str, until_eof: bool = False) -> None:
+    def __init__(self, cfg: Config, topic: str, until_eof: bool = False,
+                 start_offsets: Callable[[], Mapping[int, int]] | None = None) -> None:
         self.cfg, self.topic, self.until_eof = cfg, topic, until_eof
+        self.start_offsets = start_offsets
 
     def list_parts(self) -> list[str]:
         md = AdminClient(self.cfg.kafka_client()).list_topics(self.topic, timeout=10)
@@ -126,8 +131,10 @@ class TopicSource(FixedPartitionedSource):
         return [str(p) for p in sorted(t.partitions)]
 
     def build_part(self, step_id: str, for_part: str, resume_state) -> _TopicPartition:
-        return _TopicPartition(self.cfg, self.topic, int(for_part), resume_state,
-                               self.until_eof)
+        part = int(for_part)
+        if resume_state is None and self.start_offsets is not None:
+            resume_state = self.start_offsets().get(part)
+        return _TopicPartition(self.cfg, self.topic, part, resume_state, self.until_eof)
 
 
 def dead_letter(cfg: Config, source_topic: str, partition: int, offset: int | None,

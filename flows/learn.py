@@ -22,6 +22,7 @@ from pathlib import Path
 
 import bytewax.operators as op
 import orjson
+import redis
 from bytewax.dataflow import Dataflow
 from bytewax.operators import StatefulBatchLogic
 
@@ -29,7 +30,7 @@ from flows.config import Config, load_config
 from flows.kafka import KafkaRecordSink, TopicSource, dead_letter
 from learners.archive import ExampleArchive
 from learners.model import Models
-from learners.publish import PublishConflict
+from learners.publish import ModelStoreError, PublishConflict
 from learners.publish import from_config as model_store
 
 log = logging.getLogger(__name__)
@@ -82,19 +83,27 @@ class LearnLogic(StatefulBatchLogic):
         self.to_archive: list[dict] = []
         self.counts = {"in": 0, "learned": 0, "duplicates": 0, "corrections": 0,
                        "dead_letters": 0, "skipped": 0}
+        # next offset per partition of `examples`: recorded in every version we publish, so
+        # a flow started without recovery state reads on from the version it continues.
+        self.offsets: dict[int, int] = {}
         if resume is not None:
             self.models = Models.from_bytes(lc, resume["models"])
             self.version, self.dedup = resume["version"], RecentIds(lc.dedup_horizon_ms,
                                                                     resume["dedup"])
-            self.counts = resume["counts"]
+            self.counts, self.offsets = resume["counts"], resume["offsets"]
         else:
             self.dedup = RecentIds(lc.dedup_horizon_ms)
-            self.version = self.store.current()
+            self.version = _until_done("read the model pointer", self.store.current)
             if self.version is None:
                 self.models = Models(lc)
-                self._publish_new("first start: nothing published")
+                self._publish_new("first start: nothing published", expected=None)
             else:
-                self.models = Models.load(lc, self.store, self.version)
+                self.models = _until_done("load version " + self.version,
+                                          lambda: Models.load(lc, self.store, self.version))
+                # Counts go on with the model: the source reads on from the version's offsets.
+                meta = self.store.get_meta(self.version) or {}
+                self.counts.update(meta.get("counts") or {})
+                self.offsets = {int(p): o for p, o in (meta.get("offsets") or {}).items()}
                 log.info("learn: continuing from model version %s", self.version)
         now = time.monotonic()
         self.next_push, self.next_version = now + lc.push_interval_s, now + lc.snapshot_interval_s
@@ -108,6 +117,7 @@ class LearnLogic(StatefulBatchLogic):
             if offset is None:  # a consumer error: raw is the KafkaError
                 out.append(dead_letter(cfg, topic, part, None, f"kafka error: {raw}", None))
                 continue
+            self.offsets[part] = offset + 1
             try:
                 ex = orjson.loads(raw)
                 why = _check(ex)
@@ -143,6 +153,9 @@ class LearnLogic(StatefulBatchLogic):
 
     def on_eof(self) -> tuple[list, bool]:
         self._flush_archive()
+        current = _until_done("read the model pointer", self.store.current)
+        if current != self.version:
+            self._on_other_version(current)
         self._publish_new("end of input")
         self._log(time.monotonic())
         return [], StatefulBatchLogic.RETAIN
@@ -152,7 +165,8 @@ class LearnLogic(StatefulBatchLogic):
         # appends the same examples again, which the archive ignores.
         self._flush_archive()
         return {"models": self.models.to_bytes(), "version": self.version,
-                "dedup": self.dedup.state(), "counts": dict(self.counts)}
+                "dedup": self.dedup.state(), "counts": dict(self.counts),
+                "offsets": dict(self.offsets)}
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -169,39 +183,60 @@ class LearnLogic(StatefulBatchLogic):
             self._log(now)
 
     def _follow_or_push(self) -> None:
-        current = self.store.current()
+        current = _until_done("read the model pointer", self.store.current)
         if current != self.version:
-            self._follow(current)
+            self._on_other_version(current)
             return
-        t0 = time.monotonic()
-        n = self.models.push(self.store, self.version)
-        log.debug("learn: pushed %s to version %s in %.0f ms", n, self.version,
-                  (time.monotonic() - t0) * 1000)
+        changes = self.models.changes()
+        try:
+            n = _until_done("push", lambda: self.models.write(self.store, self.version, changes))
+        except ModelStoreError as e:  # our version is gone: Redis lost it
+            log.warning("learn: %s; publishing everything as a new version", e)
+            self._publish_new("version lost", expected=_until_done(
+                "read the model pointer", self.store.current))
+            return
+        log.debug("learn: pushed %s to version %s", n, self.version)
 
-    def _follow(self, current: str | None) -> None:
-        """Another publisher (the daily retrain) made ``current`` the version: continue from
-        it. What was learned here since then is left behind; the retrain saw those days."""
-        if current is None:
-            log.warning("learn: the model pointer is gone (Redis emptied?): publishing anew")
-            self._publish_new("pointer missing")
+    def _on_other_version(self, current: str | None) -> None:
+        """The pointer names a version this flow did not publish last. A daily retrain's:
+        continue from it (what was learned here since is left behind; the retrain saw those
+        days). One of ours that is newer than the state resumed after a crash, or none (Redis
+        lost it): publish ours over it; the examples since our snapshot are replayed into it,
+        so none is learned twice."""
+        meta = None if current is None else _until_done(
+            "read a version's meta", lambda: self.store.get_meta(current))
+        if meta is None or meta.get("source") == "online":
+            self._publish_new("pointer missing" if current is None else "resumed",
+                              expected=current)
             return
-        log.info("learn: version %s was published by another publisher; continuing from it "
-                 "(was %s)", current, self.version)
-        self.models = Models.load(self.cfg.learn, self.store, current)
+        log.info("learn: version %s was published by the %s; continuing from it (was %s)",
+                 current, meta.get("source"), self.version)
+        self.models = _until_done("load version " + current,
+                                  lambda: Models.load(self.cfg.learn, self.store, current))
         self.version = current
 
-    def _publish_new(self, why: str) -> None:
-        lc, previous = self.cfg.learn, self.version
+    def _publish_new(self, why: str, expected: str | None | type = ...) -> None:
+        """Write the models as a new version and make it current, if the pointer still names
+        ``expected`` (default: the version this flow last published)."""
+        lc, parent = self.cfg.learn, self.version
+        expected = self.version if expected is ... else expected
         t0 = time.monotonic()
-        version = self.models.write_version(self.store, "online", previous)
-        prev_meta = self.store.get_meta(previous) if previous is not None else None
-        # Our own periodic versions are superseded within minutes; a retrain's is kept longer.
-        online = prev_meta is not None and prev_meta.get("source") == "online"
-        try:
-            self.store.publish(version, expected_current=previous,
+
+        def write_and_publish() -> str:
+            offsets = {str(p): o for p, o in self.offsets.items()}  # JSON keys are strings
+            version = self.models.write_version(self.store, "online", parent,
+                                                {"offsets": offsets, "counts": self.counts})
+            prev_meta = self.store.get_meta(expected) if expected is not None else None
+            # Our periodic versions are superseded within minutes; a retrain's is kept longer.
+            online = prev_meta is not None and prev_meta.get("source") == "online"
+            self.store.publish(version, expected_current=expected,
                                keep_days=lc.online_keep_hours / 24 if online else None)
+            return version
+
+        try:
+            version = _until_done("publish a version", write_and_publish)
         except PublishConflict as e:
-            self._follow(e.found)
+            self._on_other_version(e.found)
             return
         self.version = version
         log.info("learn: published model version %s (%s, %d examples learned) in %.1f s",
@@ -228,6 +263,21 @@ class LearnLogic(StatefulBatchLogic):
         self.next_log, self.last_log = now + self.cfg.learn.log_interval_s, (now, self.counts["in"])
 
 
+def _until_done(what: str, fn):
+    """``fn()``, tried again while Redis is unreachable: an outage holds the flow back (and
+    so the reading of its input), never crashes it."""
+    attempt, t0 = 0, time.monotonic()
+    while True:
+        try:
+            return fn()
+        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as e:
+            attempt += 1
+            delay = min(0.05 * 2 ** attempt, 2.0)
+            log.warning("learn: %s failed (attempt %d, Redis down %.1f s): %s; retrying in "
+                        "%.1f s", what, attempt, time.monotonic() - t0, e, delay)
+            time.sleep(delay)
+
+
 def stats_path(cfg: Config) -> Path:
     return Path(cfg.data_dir) / "learn" / "stats.json"
 
@@ -240,11 +290,21 @@ def write_stats(cfg: Config, stats: dict) -> None:
     tmp.replace(path)
 
 
+def start_offsets(cfg: Config) -> dict[int, int]:
+    """Where the current model version's learning stopped in `examples` (none published:
+    nothing, so from the beginning)."""
+    store = model_store(cfg, name=cfg.learn.store_name)
+    current = _until_done("read the model pointer", store.current)
+    meta = None if current is None else store.get_meta(current)
+    return {int(p): o for p, o in ((meta or {}).get("offsets") or {}).items()}
+
+
 def build(cfg: Config | str | None = None, until_eof: bool = False) -> Dataflow:
     """The learn dataflow; ``cfg`` is a Config or a config file path (None: the default)."""
     cfg = cfg if isinstance(cfg, Config) else load_config(cfg)
     flow = Dataflow("learn")
-    msgs = op.input("examples", flow, TopicSource(cfg, cfg.kafka.examples_topic, until_eof))
+    msgs = op.input("examples", flow, TopicSource(cfg, cfg.kafka.examples_topic, until_eof,
+                                                  lambda: start_offsets(cfg)))
     learned = op.stateful_batch("learn", op.key_on("one_model", msgs, lambda _: "model"),
                                 lambda resume: LearnLogic(cfg, resume))
     op.output("dead_letters", op.map("untag", learned, lambda kv: kv[1]), KafkaRecordSink(cfg))

@@ -171,11 +171,10 @@ class Models:
                 "sample_rate": self.rate, "fallback_rows": self.emb.users.fallback_rows,
                 "emb_dim": self.emb.users.dim}
 
-    def push(self, store: ModelStore, version: str, full: bool = False) -> dict[str, int]:
-        """Write what changed since the last push into ``version`` (everything with
-        ``full``). Values are absolute, so writing a push twice is harmless; when a write
-        fails, the caller must restore the state from before the push (the learn flow
-        crashes and resumes from its snapshot) or the changes are lost."""
+    def changes(self, full: bool = False) -> dict:
+        """What changed since the last call (everything with ``full``), taken out of the
+        learners' change tracking: `write` it, and retry the write until it succeeds, or the
+        changes are lost (the learn flow then resumes from its snapshot)."""
         if full:
             ftrl_idx = self.ftrl.nonzero()
             self.ftrl.pop_touched()
@@ -187,11 +186,18 @@ class Models:
             self.emb._dense_pushed = -1  # the dense weights go into every full push
         else:
             ftrl_idx, bopr_idx = self.ftrl.pop_touched(), self.bopr.pop_touched()
-        store.put_vectors(version, "ftrl", ftrl_idx, self.ftrl.weights(ftrl_idx)[:, None])
         mu, var = self.bopr.params(bopr_idx)
-        store.put_vectors(version, "bopr", bopr_idx, np.stack([mu, var], axis=1))
-        dirty = self.emb.pop_dirty()
-        rows = 0
+        items, self.items = self.items, {}
+        return {"ftrl": (ftrl_idx, self.ftrl.weights(ftrl_idx)[:, None]),
+                "bopr": (bopr_idx, np.stack([mu, var], axis=1)),
+                "emb": self.emb.pop_dirty(), "items": items}
+
+    @staticmethod
+    def write(store: ModelStore, version: str, changes: dict) -> dict[str, int]:
+        """Write `changes` into ``version``. Values are absolute: writing twice is harmless."""
+        for model in ("ftrl", "bopr"):
+            store.put_vectors(version, model, *changes[model])
+        dirty, rows = changes["emb"], 0
         for table in ("user", "item"):
             p = dirty[table]
             if p.full:
@@ -205,11 +211,14 @@ class Models:
         if dirty["dense"] is not None:
             w = dirty["dense"]
             store.put_vectors(version, "dense", np.arange(len(w)), w[:, None])
-        if self.items:
+        if changes["items"]:
             store.client.hset(catalog_key(store), mapping={
-                k: orjson.dumps(v) for k, v in self.items.items()})
-            self.items = {}
-        return {"ftrl": len(ftrl_idx), "bopr": len(bopr_idx), "rows": rows}
+                k: orjson.dumps(v) for k, v in changes["items"].items()})
+        return {"ftrl": len(changes["ftrl"][0]), "bopr": len(changes["bopr"][0]), "rows": rows}
+
+    def push(self, store: ModelStore, version: str, full: bool = False) -> dict[str, int]:
+        """`write` the `changes` into ``version``."""
+        return self.write(store, version, self.changes(full))
 
     def write_version(self, store: ModelStore, source: str, parent: str | None,
                       extra: Mapping | None = None) -> str:

@@ -137,4 +137,6 @@ def test_sigkill_mid_stream_then_resume_learns_each_example_once(joined, tmp_pat
     proc = _learn_process(cfg_path, "--until-eof")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err.decode()[-3000:]
-    check_learned_once(cfg, records)
+    stats = check_learned_once(cfg, records)
+    store = model_store(cfg, name=cfg.learn.store_name)
+    assert store.get_meta(store.current())["examples"] == stats["counts"]["learned"]

@@ -1,0 +1,148 @@
+"""Outages while the flows run, on a private broker and Redis: Redis paused, Redis restarted
+empty, the broker paused. The flows hold back and go on; in the end nothing is lost and Redis
+holds the right values. Outages last CTRSTREAM_CHAOS_OUTAGE_S seconds (3 in `make test`,
+30 in `make chaos`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+
+from flows.config import Config
+from flows.kafka import read_topics
+from flows.produce import produce
+from flows.run import run_flow
+from flows.simulator import Faults, StreamSpec, read_truth
+from flows.stack import LocalStack, create_topics, free_port
+from learners.publish import from_config as model_store
+from tests.test_join_flow import check_against_truth, check_counts_against_recount, join_config
+from tests.test_learn_flow import check_learned_once, learn_config
+
+pytestmark = pytest.mark.integration
+
+OUTAGE_S = float(os.environ.get("CTRSTREAM_CHAOS_OUTAGE_S", "3"))
+
+
+@pytest.fixture
+def stack(tmp_path):
+    s = LocalStack(tmp_path / "stack", free_port(), free_port())
+    try:
+        s.up()
+        yield s
+    finally:
+        s.down()
+
+
+def pause(pid: int, seconds: float) -> None:
+    """An outage that keeps the data: the process is frozen, connections hang."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(seconds)  # the outage itself, not a wait for a condition
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def wait_for(what: str, condition, proc: subprocess.Popen, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"flow exited while waiting for {what}: "
+                        f"{proc.stderr.read().decode()[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def run_process(cfg_path: Path, flow: str, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "--config", str(cfg_path), "run", flow,
+         "--snapshot-interval", "0.3", *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def finish(cfg_path: Path, flow: str, proc: subprocess.Popen) -> None:
+    """Stop a flow that follows its input and resume it to the end of the input."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc = run_process(cfg_path, flow, "--until-eof")
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err.decode()[-3000:]
+
+
+def emitted(cfg) -> int:
+    return sum(orjson.loads(f.read_bytes()).get("impressions_emitted", 0)
+               for f in (Path(cfg.data_dir) / "join").glob("stats-p*.json"))
+
+
+def test_join_flow_rides_out_redis_and_broker_outages(stack, tmp_path):
+    cfg = join_config(stack.config(Config()), tmp_path)
+    create_topics(cfg)
+    cfg_path = tmp_path / "ctrstream.toml"
+    cfg_path.write_text(cfg.to_toml())
+    spec = StreamSpec(seed=21, impressions=30_000, faults=Faults.preset(30_000, 0.03))
+    producer = threading.Thread(target=produce, args=(cfg, spec),
+                                kwargs={"truth_dir": tmp_path / "truth", "rate": 3000})
+    producer.start()
+    proc = run_process(cfg_path, "join")
+    client = redis.Redis.from_url(cfg.redis.url)
+    wait_for("progress", lambda: emitted(cfg) > 1000, proc)
+
+    pause(stack.redis.pid(), OUTAGE_S)
+    before = emitted(cfg)
+    wait_for("progress after the Redis pause", lambda: emitted(cfg) > before, proc)
+
+    pause(stack.kafka.pid(), OUTAGE_S)
+    before = emitted(cfg)
+    wait_for("progress after the broker pause", lambda: emitted(cfg) > before, proc)
+
+    keys = client.dbsize()
+    stack.redis.stop()
+    stack.redis.start(20)  # empty: no persistence
+    client = redis.Redis.from_url(cfg.redis.url)
+    wait_for("the features written again", lambda: client.dbsize() >= keys, proc)
+
+    producer.join()
+    finish(cfg_path, "join", proc)
+    examples = read_topics(cfg, [cfg.kafka.examples_topic])
+    truth = read_truth(tmp_path / "truth")
+    check_against_truth(cfg, examples, truth)
+    check_counts_against_recount(cfg, examples, truth)
+    print(f"chaos: join flow survived a {OUTAGE_S:.0f} s Redis pause, a {OUTAGE_S:.0f} s broker "
+          f"pause and Redis restarted empty; {len(truth):,} impressions, labels and Redis "
+          "counts as in the ground truth")
+
+
+def test_learn_flow_rides_out_redis_outage_and_empty_restart(stack, tmp_path):
+    cfg = learn_config(stack.config(Config()), tmp_path)
+    create_topics(cfg)
+    produce(cfg, StreamSpec(seed=22, impressions=40_000, faults=Faults.preset(40_000, 0.03)),
+            truth_dir=tmp_path / "truth")
+    run_flow(cfg, "join", until_eof=True, recovery=False)
+    records = [orjson.loads(m.value()) for m in read_topics(cfg, [cfg.kafka.examples_topic])]
+    cfg_path = tmp_path / "ctrstream.toml"
+    cfg_path.write_text(cfg.to_toml())
+
+    proc = run_process(cfg_path, "learn")
+    store = model_store(cfg, name=cfg.learn.store_name)
+    wait_for("a published version", lambda: store.current() is not None, proc)
+    pause(stack.redis.pid(), OUTAGE_S)
+    stack.redis.stop()
+    stack.redis.start(20)
+    store = model_store(cfg, name=cfg.learn.store_name)
+    wait_for("a version published again", lambda: store.current() is not None, proc)
+    finish(cfg_path, "learn", proc)
+
+    stats = check_learned_once(cfg, records)
+    meta = store.get_meta(store.current())
+    assert meta["examples"] == stats["counts"]["learned"]
+    print(f"chaos: learn flow survived a {OUTAGE_S:.0f} s Redis pause and Redis restarted empty;"
+          f" {stats['counts']['learned']:,} examples learned once, a complete version in Redis")
