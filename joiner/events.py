@@ -12,6 +12,9 @@ import orjson
 
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_ID_CHARS = 128
+# 9999-12-31T23:59:59.999Z. Beyond it a ts does not fit the queue's int64 columns (2**63) or
+# sits above the end-of-input watermark (2**62): the message would crash or never be emitted.
+MAX_TS_MS = 253_402_300_799_999
 
 
 class BadEvent(ValueError):
@@ -37,7 +40,9 @@ class Click(NamedTuple):
     ts: int
 
 
-def _load(raw: bytes) -> dict:
+def _load(raw: bytes | None) -> dict:
+    if raw is None:  # a Kafka message with a null value (a tombstone)
+        raise BadEvent("message has no value (null)")
     if len(raw) > MAX_MESSAGE_BYTES:
         raise BadEvent(f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
@@ -55,22 +60,25 @@ def _id(obj: dict, name: str) -> str:
         return v
     if v is None:
         raise BadEvent(f"missing field {name!r}")
-    if type(v) is not int:
+    if type(v) is int:
+        v = str(v)
+    elif type(v) is not str:
         raise BadEvent(f"field {name!r} must be a string, got {type(v).__name__}")
-    v = str(v)
     if not v or len(v) > MAX_ID_CHARS:
-        raise BadEvent(f"field {name!r} must have 1..{MAX_ID_CHARS} characters")
+        raise BadEvent(f"field {name!r} must have 1..{MAX_ID_CHARS} characters, got {len(v)}")
     return v
 
 
 def _ts(obj: dict) -> int:
     v = obj.get("ts")
-    if type(v) is int and v > 0:
+    if type(v) is int and 0 < v <= MAX_TS_MS:
         return v
     if v is None:
         raise BadEvent("missing field 'ts'")
     if type(v) is not int:  # bool is a subclass of int, type() keeps it out
         raise BadEvent(f"field 'ts' must be integer milliseconds, got {type(v).__name__}")
+    if v > MAX_TS_MS:
+        raise BadEvent(f"field 'ts' must be at most {MAX_TS_MS} (year 9999), got {v}")
     raise BadEvent(f"field 'ts' must be positive, got {v}")
 
 

@@ -49,9 +49,14 @@ CLICKS = "clicks"
 # Output records are (kind, key, value) tuples.
 EXAMPLE = "example"  # value: JSON bytes of the labeled example
 LATE_CLICK = "late_click"  # value: JSON bytes of the correction record
-DEAD_LETTER = "dead_letter"  # value: dict(stream, offset, reason, raw)
+DEAD_LETTER = "dead_letter"  # value: dict(stream, offset, reason, raw[:MAX_DEAD_RAW_BYTES])
 SEEN = "seen"  # value: Impression (signal for real-time count features)
 CLICKED = "clicked"  # value: (Impression, click_ts)
+
+NO_KEY = object()  # on_impression/on_click called without the message's key: not checked
+# A dead letter keeps at most this much of the raw message, so that its record still fits a
+# Kafka message (1 MB by default) after JSON escaping (<= 6x) or base64 (4/3x).
+MAX_DEAD_RAW_BYTES = 128 * 1024
 
 
 @dataclass
@@ -150,8 +155,24 @@ class WaitWindowJoiner:
         if self.max_past is not None and ts < wall_ms - self.max_past:
             raise BadEvent(f"ts {ts} is {(wall_ms - ts) / 86_400_000:.1f} days in the past")
 
+    @staticmethod
+    def _check_key(key, impression_id: str) -> None:
+        """Both topics are keyed by impression_id, which is what puts an impression and its
+        clicks in one partition; a message keyed otherwise would be joined (or orphaned) in
+        the wrong partition, a wrong label nobody sees."""
+        if key is NO_KEY:
+            return
+        if key is None:
+            raise BadEvent(f"message has no key (expected impression_id {impression_id!r})")
+        if key != impression_id.encode():
+            raise BadEvent(f"key {bytes(key)[:160]!r} does not match impression_id "
+                           f"{impression_id!r}")
+
     def _dead(self, stream: str, raw: bytes, offset: int, reason: str, out: list) -> None:
         self.next_offset[stream] = offset + 1
+        if raw is not None and len(raw) > MAX_DEAD_RAW_BYTES:
+            raw = raw[:MAX_DEAD_RAW_BYTES]
+            reason += f" (raw: its first {MAX_DEAD_RAW_BYTES} bytes)"
         # A replay must skip it too: a check against the wall clock may pass next time.
         if stream == IMPRESSIONS:
             self.counters.impressions_dead += 1
@@ -171,11 +192,14 @@ class WaitWindowJoiner:
             self.max_ts[stream] = ts
 
     def on_impression(self, raw: bytes, offset: int, now: float, out: list,
-                      wall_ms: int | None = None) -> None:
+                      wall_ms: int | None = None, key=NO_KEY) -> None:
+        """``key``: the message's Kafka key (bytes or None), checked against impression_id
+        when given."""
         c = self.counters
         c.impressions_in += 1
         try:
             imp, payload = parse_impression_payload(raw)
+            self._check_key(key, imp.impression_id)
             self._check_time(imp.ts, wall_ms)
         except BadEvent as e:
             self._dead(IMPRESSIONS, raw, offset, str(e), out)
@@ -197,11 +221,12 @@ class WaitWindowJoiner:
                 self._apply_click(seq, click_ts, click_offset, out)
 
     def on_click(self, raw: bytes, offset: int, now: float, out: list,
-                 wall_ms: int | None = None) -> None:
+                 wall_ms: int | None = None, key=NO_KEY) -> None:
         c = self.counters
         c.clicks_in += 1
         try:
             click = parse_click(raw)
+            self._check_key(key, click.impression_id)
             self._check_time(click.ts, wall_ms)
         except BadEvent as e:
             self._dead(CLICKS, raw, offset, str(e), out)
