@@ -51,7 +51,7 @@ from joiner.join import EXAMPLE, IMPRESSIONS, WaitWindowJoiner  # noqa: E402
 class _PassThroughPartition(_JoinPartition):
     """Parses like the join and writes every valid message to `examples`; no join state."""
 
-    def on_message(self, stream, raw, offset, now, out, wall_ms):
+    def on_message(self, stream, raw, offset, now, out, wall_ms, key):
         try:
             ev = (parse_impression if stream == IMPRESSIONS else parse_click)(raw)
         except BadEvent:

@@ -134,7 +134,8 @@ class _JoinPartition(StatefulSourcePartition):
                                                 f"kafka error: {err}", None)))
                 continue
             self.eof.discard(topic)
-            self.on_message(self.topics[topic], msg.value(), msg.offset(), now, out, wall_ms)
+            self.on_message(self.topics[topic], msg.value(), msg.offset(), now, out, wall_ms,
+                            msg.key())
         self.events_since_log += len(msgs)
         j.advance(now, out)
         if self.until_eof and len(self.eof) == 2:
@@ -149,11 +150,13 @@ class _JoinPartition(StatefulSourcePartition):
         return errors + [self._record(r) for r in out]
 
     def on_message(self, stream: str, raw: bytes, offset: int, now: float, out: list,
-                   wall_ms: int) -> None:
+                   wall_ms: int, key: bytes | None) -> None:
+        # The key must be the impression_id: else the message was routed by something else
+        # and its impression and clicks may sit in different partitions.
         if stream == IMPRESSIONS:
-            self.joiner.on_impression(raw, offset, now, out, wall_ms)
+            self.joiner.on_impression(raw, offset, now, out, wall_ms, key)
         else:
-            self.joiner.on_click(raw, offset, now, out, wall_ms)
+            self.joiner.on_click(raw, offset, now, out, wall_ms, key)
 
     def _record(self, r: tuple) -> tuple:
         """Tags the joiner's output for the flow: OUT (topic, key, value) goes to Kafka as
