@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from datetime import datetime
 from pathlib import Path
 
 import bytewax.operators as op
@@ -25,7 +26,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 from features.spec import FeatureSpec
 from flows import features_ops as fo
 from flows.config import Config, load_config
-from flows.kafka import KafkaRecordSink, dead_letter, input_partitions
+from flows.kafka import (
+    LOW_LATENCY_CONSUMER,
+    KafkaRecordSink,
+    dead_letter,
+    idle_awake,
+    input_partitions,
+)
 from joiner.health import JoinHealthMonitor
 from joiner.join import (
     CLICKED,
@@ -60,9 +67,8 @@ class _JoinPartition(StatefulSourcePartition):
         self.topics = {cfg.kafka.impressions_topic: IMPRESSIONS, cfg.kafka.clicks_topic: CLICKS}
         self.joiner = make_joiner(cfg, f"p{part}", signals=cfg.features.enabled)
         self.consumer = Consumer(cfg.kafka_client(**{
-            "group.id": f"ctrstream-join-{part}", "enable.auto.commit": False,
-            "enable.partition.eof": True, "auto.offset.reset": "earliest",
-            "fetch.min.bytes": 1}))
+            "group.id": f"ctrstream-join-{part}", **LOW_LATENCY_CONSUMER}))
+        self.awake: datetime | None = None
         self.eof: set[str] = set()
         self.done = False
         self.stats_path = Path(cfg.data_dir) / "join" / f"stats-p{part}.json"
@@ -119,7 +125,8 @@ class _JoinPartition(StatefulSourcePartition):
             raise StopIteration()
         cfg, j, out = self.cfg, self.joiner, []
         errors = []  # records for Kafka as they are: not the joiner's output
-        msgs = self.consumer.consume(cfg.join.batch_size, timeout=0.1)
+        msgs = self.consumer.consume(cfg.join.batch_size, timeout=0)
+        self.awake = idle_awake(bool(msgs))
         now, wall_ms = time.monotonic(), int(time.time() * 1000)
         for msg in msgs:
             topic = msg.topic()
@@ -148,6 +155,9 @@ class _JoinPartition(StatefulSourcePartition):
         if self.done or now - self.last_log >= cfg.join.log_interval_s:
             self._report(now)
         return errors + [self._record(r) for r in out]
+
+    def next_awake(self) -> datetime | None:
+        return self.awake
 
     def on_message(self, stream: str, raw: bytes, offset: int, now: float, out: list,
                    wall_ms: int, key: bytes | None) -> None:

@@ -8,6 +8,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
 
 import orjson
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
@@ -18,6 +19,20 @@ from confluent_kafka.admin import AdminClient
 from flows.config import Config
 
 log = logging.getLogger(__name__)
+
+# A source partition that found nothing is polled again after this (bytewax's default, 1 ms,
+# would spin); consume() itself never blocks, so one idle partition cannot delay the others.
+IDLE_POLL = timedelta(milliseconds=10)
+# Consumer settings of the flows' sources. A fetch with no data waits at most this long on
+# the broker: Tansu answers only when that wait ends, not when data arrives, so librdkafka's
+# 500 ms default would add up to half a second to every event at low rates.
+LOW_LATENCY_CONSUMER = {"fetch.wait.max.ms": 20, "enable.auto.commit": False,
+                        "enable.partition.eof": True, "auto.offset.reset": "earliest"}
+
+
+def idle_awake(got_items: bool) -> datetime | None:
+    """What a source partition's ``next_awake`` returns after a batch."""
+    return None if got_items else datetime.now(UTC) + IDLE_POLL
 
 
 class DeliveryError(RuntimeError):
@@ -80,17 +95,19 @@ class _TopicPartition(StatefulSourcePartition):
         self.topic, self.part, self.until_eof = topic, part, until_eof
         self.batch_size = cfg.join.batch_size
         self.consumer = Consumer(cfg.kafka_client(**{
-            "group.id": f"ctrstream-{topic}-{part}", "enable.auto.commit": False,
-            "enable.partition.eof": True, "auto.offset.reset": "earliest"}))
+            "group.id": f"ctrstream-{topic}-{part}", **LOW_LATENCY_CONSUMER}))
         self.next_offset = OFFSET_BEGINNING if resume is None else resume
         self.consumer.assign([TopicPartition(topic, part, self.next_offset)])
         self.done = False
+        self.awake: datetime | None = None
 
     def next_batch(self) -> list:
         if self.done:
             raise StopIteration()
         out = []
-        for msg in self.consumer.consume(self.batch_size, timeout=0.1):
+        msgs = self.consumer.consume(self.batch_size, timeout=0)
+        self.awake = idle_awake(bool(msgs))
+        for msg in msgs:
             err = msg.error()
             if err is None:
                 out.append((self.part, msg.offset(), msg.value()))
@@ -101,6 +118,9 @@ class _TopicPartition(StatefulSourcePartition):
                 log.error("reading %s[%d]: %s", self.topic, self.part, err)
                 out.append((self.part, None, err))
         return out
+
+    def next_awake(self) -> datetime | None:
+        return self.awake
 
     def snapshot(self) -> int:
         return self.next_offset
