@@ -24,8 +24,13 @@ Guarantees, and how:
   ``late_click`` true; an example that was already positive keeps its in-window click.
 
 Columns: impression_id, ts, user_id, item_id, features and counts (JSON text), label,
-click_ts, window_ms, sample_rate, quarantined, and ``extra``: every other field of the
-example as JSON text (null if none), so nothing the joiner adds is lost.
+click_ts, window_ms, sample_rate, quarantined, ``extra``: every other field of the example as
+JSON text (null if none), so nothing the joiner adds is lost, and ``p_ftrl``, ``p_bopr``,
+``p_emb``: the online models' progressive predictions (the example's ``online_p``, made
+before the online models learned it; null when absent), which the daily retrain compares
+itself with. Files written before those three columns existed read the same: the columns
+come from the ``online_p`` in their ``extra`` (where the first files with predictions kept
+it), else null.
 
 >>> import tempfile
 >>> a = ExampleArchive(tempfile.mkdtemp())
@@ -69,11 +74,14 @@ SCHEMA = pa.schema([
     ("item_id", pa.string()), ("features", pa.string()), ("counts", pa.string()),
     ("label", pa.int8()), ("click_ts", pa.int64()), ("window_ms", pa.int64()),
     ("sample_rate", pa.float64()), ("quarantined", pa.bool_()), ("extra", pa.string()),
+    ("p_ftrl", pa.float64()), ("p_bopr", pa.float64()), ("p_emb", pa.float64()),
 ])
+# The online models' predictions: column -> key of an example's ``online_p``.
+ONLINE_P = {"p_ftrl": "ftrl", "p_bopr": "bopr", "p_emb": "emb"}
 CORRECTION_SCHEMA = pa.schema([("impression_id", pa.string()), ("click_ts", pa.int64()),
                                ("ts", pa.int64())])
 _KNOWN = {"impression_id", "ts", "user_id", "item_id", "features", "counts", "label",
-          "click_ts", "window_ms", "sample_rate", "quarantined", "kind"}
+          "click_ts", "window_ms", "sample_rate", "quarantined", "kind", "online_p"}
 
 
 def day_of(ts_ms: int) -> str:
@@ -91,6 +99,26 @@ def _int(v: Any) -> int | None:
 
 def _json(v: Any) -> str | None:
     return None if v is None else orjson.dumps(v).decode()
+
+
+def _float(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def _conform(t: pa.Table) -> pa.Table:
+    """A part file as of ``SCHEMA``: columns a file written by an older version lacks are
+    added as nulls (so that old and new files concatenate), except the online predictions,
+    which the first files that had them kept in ``extra`` as ``online_p``."""
+    if t.schema.names == SCHEMA.names:
+        return t
+    cols = {f.name: t[f.name] for f in SCHEMA if f.name in t.schema.names}
+    if not set(ONLINE_P) & set(cols) and "extra" in cols:
+        online = [p if isinstance(p := orjson.loads(x).get("online_p") if x else None, dict)
+                  else {} for x in cols["extra"].to_pylist()]
+        for col, key in ONLINE_P.items():
+            cols[col] = pa.array([_float(p.get(key)) for p in online], pa.float64())
+    return pa.table([cols[f.name] if f.name in cols else pa.nulls(t.num_rows, f.type)
+                     for f in SCHEMA], schema=SCHEMA)
 
 
 class ExampleArchive:
@@ -171,6 +199,10 @@ class ExampleArchive:
             rest = {k: v for k, v in e.items() if k not in _KNOWN}
             return _json(rest) if rest else None
 
+        def online(key: str) -> list[float | None]:
+            return [_float(p.get(key)) if isinstance(p := e.get("online_p"), Mapping) else None
+                    for e in rows]
+
         return pa.table([
             col("impression_id"), col("ts"),
             [None if (v := e.get("user_id")) is None else str(v) for e in rows],
@@ -180,6 +212,7 @@ class ExampleArchive:
             [_int(e.get("click_ts")) for e in rows], [_int(e.get("window_ms")) for e in rows],
             [float(v) if isinstance(v, int | float) else None for v in col("sample_rate")],
             [bool(e.get("quarantined")) for e in rows], [extra(e) for e in rows],
+            *(online(key) for key in ONLINE_P.values()),
         ], schema=SCHEMA)
 
     def _write(self, day: str, prefix: str, table: pa.Table) -> Path:
@@ -238,7 +271,7 @@ class ExampleArchive:
         """The day's examples in write order, each impression_id once (its first stored
         row); with ``corrected``, late clicks applied and a ``late_click`` column added."""
         day = _day_str(day)
-        parts = self._read_files(day, PART)
+        parts = [_conform(p) for p in self._read_files(day, PART)]
         t = pa.concat_tables(parts) if parts else SCHEMA.empty_table()
         if t.num_rows and pc.count_distinct(t["impression_id"]).as_py() < t.num_rows:
             keyed = pa.table({"id": t["impression_id"], "i": np.arange(t.num_rows)})
@@ -266,21 +299,9 @@ class ExampleArchive:
         return t.append_column("late_click", late)
 
     def read_examples(self, day: str | dt.date) -> list[dict]:
-        """``read_day`` as example dicts (features and counts decoded, extra fields back at
-        the top level), ready for ``EmbeddingLearner.train_epoch``."""
-        out = []
-        for r in self.read_day(day).to_pylist():
-            extra = r.pop("extra")
-            for k in ("features", "counts"):
-                r[k] = orjson.loads(r[k]) if r[k] is not None else None
-            if r["sample_rate"] is None:
-                del r["sample_rate"]
-            r["kind"] = "example"
-            if extra:
-                for k, v in orjson.loads(extra).items():
-                    r.setdefault(k, v)
-            out.append(r)
-        return out
+        """``read_day`` as example dicts (see `to_examples`), ready for
+        ``EmbeddingLearner.train_epoch``."""
+        return to_examples(self.read_day(day))
 
     # -- maintenance --------------------------------------------------------------------------
 
@@ -306,3 +327,26 @@ class ExampleArchive:
                     p.unlink()
         return {"rows": t.num_rows, "parts_before": len(old_parts),
                 "corrections_before": len(old_corr)}
+
+
+def to_examples(table: pa.Table) -> list[dict]:
+    """Rows of an archive table (``read_day``, or rows taken from it) as example dicts:
+    features and counts decoded, extra fields back at the top level, the online predictions
+    as ``online_p`` (only the models that have one; no key when none has)."""
+    out = []
+    for r in table.to_pylist():
+        extra = r.pop("extra", None)
+        for k in ("features", "counts"):
+            r[k] = orjson.loads(r[k]) if r[k] is not None else None
+        if r["sample_rate"] is None:
+            del r["sample_rate"]
+        online = {key: v for col, key in ONLINE_P.items()
+                  if (v := r.pop(col, None)) is not None}
+        if online:
+            r["online_p"] = online
+        r["kind"] = "example"
+        if extra:
+            for k, v in orjson.loads(extra).items():
+                r.setdefault(k, v)
+        out.append(r)
+    return out

@@ -141,22 +141,6 @@ class Models:
         self.examples += len(batch)
         return len(batch)
 
-    def train_epoch(self, examples: Sequence[Mapping], seed: int) -> None:
-        """The daily retrain's pass: FTRL and BOPR learn the examples in a seeded shuffled
-        order, the embedding model trains all its parameters on the same order."""
-        batch = [e for e in examples if usable(e)]
-        order = np.random.default_rng(seed).permutation(len(batch))
-        shuffled = [batch[i] for i in order]
-        step = self.cfg.retrain_batch_size
-        for s in range(0, len(shuffled), step):
-            part = shuffled[s:s + step]
-            indptr, indices = self.hasher.batch(part)
-            y = np.fromiter((e["label"] for e in part), np.float64, len(part))
-            self.ftrl.learn_many(indptr, indices, y)
-            self.bopr.learn_many(indptr, indices, y)
-        self.emb.train_epoch(shuffled, batch_size=step, shuffle_seed=seed)
-        self.examples += len(batch)
-
     def summary(self) -> dict[str, dict]:
         return {m: self.metrics[m].summary() for m in MODELS}
 

@@ -156,3 +156,45 @@ def test_read_examples_round_trips_the_fields_retraining_needs(tmp_path):
     assert "sample_rate" not in got[1] and got[1]["quarantined"] is False
     t = pq.read_table(next((tmp_path / "date=2023-11-15").glob("part-*.parquet")))
     assert t.schema == SCHEMA
+
+
+def test_online_predictions_are_columns_and_come_back_as_online_p(tmp_path):
+    a = ExampleArchive(tmp_path, fsync=False)
+    a.append([ex(1, online_p={"ftrl": 0.1, "bopr": 0.2, "emb": 0.3}), ex(2),
+              ex(3, online_p={"ftrl": 0.5, "emb": "not a number"})])
+    t = a.read_day("2023-11-15")
+    assert t["p_ftrl"].to_pylist() == [0.1, None, 0.5]
+    assert t["p_bopr"].to_pylist() == [0.2, None, None]
+    assert t["p_emb"].to_pylist() == [0.3, None, None]
+    assert t["extra"].to_pylist() == ['{"delay_ms":null}'] * 3  # not in extra any more
+    got = a.read_examples("2023-11-15")
+    assert got[0]["online_p"] == {"ftrl": 0.1, "bopr": 0.2, "emb": 0.3}
+    assert "online_p" not in got[1] and got[2]["online_p"] == {"ftrl": 0.5}
+    assert not {"p_ftrl", "p_bopr", "p_emb", "extra"} & set(got[0])
+
+
+def test_files_without_the_prediction_columns_still_read(tmp_path):
+    # A part written before the p_* columns existed (online_p then went to `extra`), beside
+    # a part written now: the day reads as one table, old rows' predictions from `extra`.
+    old_schema = pa.schema([f for f in SCHEMA if not f.name.startswith("p_")])
+    rows = [ex(1, online_p={"ftrl": 0.1, "bopr": 0.2, "emb": 0.3}), ex(2)]
+    old = ExampleArchive._table(rows).select(old_schema.names)
+    old = old.set_column(old_schema.get_field_index("extra"), "extra", pa.array(
+        ['{"delay_ms":null,"online_p":{"ftrl":0.1,"bopr":0.2,"emb":0.3}}', None]))
+    day_dir = tmp_path / "date=2023-11-15"
+    day_dir.mkdir()
+    pq.write_table(old, day_dir / "part-00000000000000000001-0ld0ld00.parquet")
+    a = ExampleArchive(tmp_path, fsync=False)
+    assert a.append([ex(2), ex(3, online_p={"ftrl": 0.4, "bopr": 0.5, "emb": 0.6})]) == {
+        "written": 1, "duplicates": 1, "invalid": 0, "corrections": 0}
+    t = a.read_day("2023-11-15")
+    assert ids(t) == ["imp1", "imp2", "imp3"] and t.schema.names[:-1] == SCHEMA.names
+    assert t["p_ftrl"].to_pylist() == [0.1, None, 0.4]
+    assert t["p_emb"].to_pylist() == [0.3, None, 0.6]
+    got = a.read_examples("2023-11-15")
+    assert [e.get("online_p") for e in got] == [
+        {"ftrl": 0.1, "bopr": 0.2, "emb": 0.3}, None, {"ftrl": 0.4, "bopr": 0.5, "emb": 0.6}]
+    assert a.compact("2023-11-15")["parts_before"] == 2
+    (part,) = day_dir.glob("part-*.parquet")
+    assert pq.read_table(part).schema == SCHEMA
+    assert ExampleArchive(tmp_path).read_examples("2023-11-15") == got

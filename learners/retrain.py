@@ -1,0 +1,541 @@
+"""The daily full retrain: one day of archived examples -> a new model version, published only
+when it is not worse than the online models on the day's last hours.
+
+What it does, in order (`retrain`):
+
+1. **Read the day** (`load_day`): ``ExampleArchive.read_day`` with the late-click
+   corrections applied, so an impression whose click came after the join's wait window is a
+   positive here (the online models learned it as a negative), and the usable rows (labeled,
+   not quarantined) in event-time order (ties in archive order).
+2. **Warm start** (`find_base`): from the newest version published by a retrain of an
+   *earlier* day, not from the current version: the online models have already learned this
+   day, and retraining them on it would learn it twice. None yet (the first day), or one
+   whose hasher differs from the config: fresh models.
+3. **Split**: the last ``holdout_fraction`` of the day's examples (by count, in event time) is
+   the holdout; the rest is the training set.
+4. **Train one epoch** (`train_epoch`) on the training set in a shuffled order drawn from
+   ``seed``: FTRL and BOPR batch by batch, the embedding model on the same shuffled data with
+   all its parameters (the dense part too, which stays frozen online). Negatives are
+   downsampled exactly as online (by id, ``negative_sample_rate``).
+5. **Evaluate on the holdout, and learn it** (`learn_holdout`): the new models predict each
+   holdout example, then learn it, in event-time order and micro-batches, as the learn flow
+   would have (``Models.learn``). Their NE there is compared, model by model and on the same
+   (corrected) labels, with the NE of the online models' own progressive predictions stored
+   in the archive (``p_ftrl``/``p_bopr``/``p_emb``). Progressive against progressive: both
+   predicted each example before learning it, and both had learned the holdout's earlier
+   part by then. The NE of the new models' predictions *before* learning any of the holdout
+   ("frozen") is computed too and reported; with ``evaluation="frozen"`` the rule uses it.
+   Why progressive by default: it is what the published version will do (the learn flow
+   continues from it), and what the online numbers are. Frozen predictions over a couple of
+   hours of drift are another quantity: on simulated days they differed from the
+   progressive ones by up to about the default margin, either way (``python
+   bench/retrain.py --rate 1.5``: FTRL 0.9646 progressive, 0.9687 frozen, online 0.9669).
+   Learning the holdout this way also means the published version has seen the whole day.
+   (A second shuffled epoch over the holdout alone was tried instead: it pulled the
+   embedding model's dense part toward the day's last hours and made it worse on the next
+   morning.)
+6. **Refuse** (`refusal`) when, for any model, retrained NE > online NE +
+   ``max_ne_regression``; also when the rule cannot be applied (no holdout, no positive in
+   it, online predictions missing for most of it) or when a retrain of a later day already
+   exists (publishing this one would go back in time). ``force`` publishes anyway.
+7. **Publish** (`publish`): ``Models.write_version`` (source ``"retrain"``, parent the warm
+   start) under a new version namespace, then one pointer flip expecting the version that
+   was current when the retrain started. When the learn flow published one of its periodic
+   versions meanwhile, publish over it (the learn flow then continues from ours); when
+   another retrain did, refuse. The version replaced expires after ``keep_days`` (the learn
+   flow's own periodic ones after ``online_keep_hours``, as the learn flow does).
+
+Same archive, same ``seed`` and same base version: the same model state, byte for byte
+(``Models.to_bytes``; tests/test_retrain.py checks it).
+
+The day is held as an Arrow table (the archive's columns, JSON text for features and
+counts: ~600 B an example) and turned into example dicts a chunk at a time: as dicts it
+would take ~2.6 KB an example (measured with tracemalloc on simulated examples), 11 GB for
+a day at the generator's default 50 impressions/s. The training loop lives here rather than in
+``Models.train_epoch`` for that and for progress reporting; it does what ``train_epoch``
+does plus the negative downsampling.
+
+    result = retrain(cfg.learn, "2023-11-15", store, archive, progress=tqdm)
+    result.status, result.ne_online, result.ne_retrained
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from learners.archive import ONLINE_P, ExampleArchive, to_examples
+from learners.metrics import ProgressiveMetrics, log_loss, normalized_entropy
+from learners.model import MODELS, Models
+from learners.publish import ModelStore, PublishConflict
+from learners.sampling import keep_many
+
+log = logging.getLogger(__name__)
+
+SOURCE = "retrain"
+CHUNK_BATCHES = 32  # batches decoded from Arrow (and reported to the progress bar) at a time
+MIN_ONLINE_COVERAGE = 0.5  # share of the holdout that must carry the online predictions
+PUBLISH_ATTEMPTS = 5  # pointer flips tried while the learn flow keeps publishing
+EVALUATIONS = ("progressive", "frozen")
+
+
+class NoArchive(LookupError):
+    """The archive holds no examples for that date."""
+
+    def __init__(self, date: str, root: str, days: list[str]) -> None:
+        shown = ", ".join(days[-10:]) if days else "none"
+        more = f" (and {len(days) - 10} earlier)" if len(days) > 10 else ""
+        super().__init__(f"no archived examples for {date} under {root}/date={date}; "
+                         f"days in the archive: {shown}{more}")
+        self.date, self.root, self.days = date, root, days
+
+
+class RetrainConflict(RuntimeError):
+    """Another publisher than the learn flow made a version current while the retrain ran."""
+
+    def __init__(self, message: str, version: str, found: str | None) -> None:
+        super().__init__(message)
+        self.version, self.found = version, found
+
+
+@dataclass
+class Day:
+    """One day's usable examples, in event-time order."""
+
+    date: str
+    table: pa.Table  # the archive's columns and late_click, usable rows only, sorted by ts
+    rows: int  # rows the archive holds for the day (each impression_id once)
+
+    @property
+    def examples(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def positives(self) -> int:
+        return int(pc.sum(self.table["label"]).as_py() or 0)
+
+    @property
+    def late_positives(self) -> int:
+        """Positives only because of a late-click correction."""
+        return int(pc.sum(pc.cast(self.table["late_click"], pa.int64())).as_py() or 0)
+
+
+@dataclass
+class RetrainResult:
+    """What a retrain did; ``to_dict`` for JSON. ``status``: "published", "refused" (the
+    rule, or nothing to compare with), "conflict" (another retrain published meanwhile) or
+    "dry_run" (evaluated, not published; ``reason`` says why it would have been refused)."""
+
+    date: str
+    status: str = "refused"
+    reason: str | None = None
+    forced: bool = False
+    evaluation: str = "progressive"
+    seed: int = 0
+    version: str | None = None  # the version written (None when refused before writing)
+    previous: str | None = None  # the version it replaced as current
+    published_over: list[str] = field(default_factory=list)  # online versions published over
+    base: str | None = None  # the warm start (None: fresh models)
+    base_date: str | None = None
+    rows: int = 0  # in the archive for the day
+    examples: int = 0  # usable
+    positives: int = 0  # after corrections
+    late_positives: int = 0  # of which positive only by a late-click correction
+    train_examples: int = 0
+    holdout_examples: int = 0
+    holdout_positives: int = 0
+    online_coverage: float = float("nan")  # holdout share with the online predictions
+    ne_online: dict[str, float] = field(default_factory=dict)
+    ne_retrained: dict[str, float] = field(default_factory=dict)  # the rule's numbers
+    ne_retrained_progressive: dict[str, float] = field(default_factory=dict)
+    ne_retrained_frozen: dict[str, float] = field(default_factory=dict)
+    ne_difference_se: dict[str, float] = field(default_factory=dict)  # of retrained - online
+    timings_s: dict[str, float] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    models: Models | None = field(default=None, repr=False)  # the retrained models
+
+    @property
+    def train_examples_per_s(self) -> float:
+        t = self.timings_s.get("train", 0.0)
+        return self.train_examples / t if t else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name != "models"}
+        out["train_examples_per_s"] = self.train_examples_per_s
+        return out
+
+
+# -- the steps ------------------------------------------------------------------------------
+
+
+def day_str(date: str | dt.date) -> str:
+    return date.isoformat() if isinstance(date, dt.date) else dt.date.fromisoformat(
+        date).isoformat()
+
+
+def load_day(archive: ExampleArchive, date: str | dt.date) -> Day:
+    """The day's usable examples (late clicks applied) in event-time order; `NoArchive`
+    when the archive holds no file of examples for the date."""
+    date = day_str(date)
+    if date not in (days := archive.days()):
+        raise NoArchive(date, str(archive.root), days)
+    t = archive.read_day(date)
+    rows = t.num_rows
+    usable = pc.and_(pc.is_valid(t["label"]),
+                     pc.invert(pc.fill_null(t["quarantined"], False)))
+    t = t.filter(usable)
+    order = np.argsort(t["ts"].to_numpy(zero_copy_only=False), kind="stable")
+    return Day(date, t.take(order).combine_chunks(), rows)
+
+
+def split_holdout(n: int, fraction: float) -> int:
+    """Index of the first holdout example among ``n`` in event-time order."""
+    return n - min(n, int(round(n * fraction)))
+
+
+def retrain_versions(store: ModelStore) -> list[tuple[str, dict]]:
+    """(version, meta) of every complete version a retrain wrote that has not expired,
+    newest first."""
+    out = []
+    for version in sorted((v["version"] for v in store.versions() if v["complete"]),
+                          key=int, reverse=True):
+        meta = store.get_meta(version)
+        if meta and meta.get("source") == SOURCE:
+            out.append((version, meta))
+    return out
+
+
+def find_base(store: ModelStore, before: str) -> tuple[str, dict] | tuple[None, None]:
+    """The newest version written by a retrain of a day before ``before``, and its meta."""
+    for version, meta in retrain_versions(store):
+        if str(meta.get("date", "")) < before:
+            return version, meta
+    return None, None
+
+
+def incompatible(meta: Mapping, models: Models) -> str | None:
+    """Why a version's models cannot be continued with this config (or None)."""
+    want = models.describe()
+    for key in ("format", "hash_bits", "crosses", "sample_rate"):
+        if meta.get(key) != want[key]:
+            return f"its {key} is {meta.get(key)!r}, the config's {want[key]!r}"
+    return None
+
+
+def later_retrain(store: ModelStore, date: str) -> tuple[str, str] | None:
+    """(version, date) of a retrain of a day after ``date``, if one is still in the store."""
+    for version, meta in retrain_versions(store):
+        if str(meta.get("date", "")) > date:
+            return version, str(meta["date"])
+    return None
+
+
+def _batches(n: int, size: int) -> int:
+    return -(-n // size)
+
+
+def _progress(factory: Callable[..., Any] | None, total: int, desc: str):
+    return factory(total=total, desc=desc) if factory is not None else None
+
+
+def _note_items(models: Models, examples: list[dict]) -> None:
+    attrs = models.cfg.item_attributes
+    for e in examples:
+        feats = e.get("features") or {}
+        models.items[str(e["item_id"])] = {a: feats[a] for a in attrs if a in feats}
+
+
+def train_epoch(models: Models, table: pa.Table, seed: int,
+                progress: Callable[..., Any] | None = None) -> int:
+    """One pass over ``table``'s rows in the order ``permutation(seed)``: FTRL and BOPR learn
+    each batch of ``retrain_batch_size``; the embedding model trains every parameter on the
+    same data (rows and dense part). Returns the examples learned (after downsampling)."""
+    step = models.cfg.retrain_batch_size
+    n = table.num_rows
+    order = np.random.default_rng(seed).permutation(n)
+    if models.rate < 1:  # the same examples the online models kept, by id
+        keep = keep_many(table["impression_id"].to_pylist(), table["label"].to_numpy(),
+                         models.rate)
+        order = order[keep[order]]
+    emb = models.emb
+    # Count every sighting first, as EmbeddingLearner.train_epoch does: an id frequent in the
+    # day learns in its own row from its first example.
+    kept = np.sort(order)
+    ts = table["ts"].to_numpy()[kept]
+    for name, table_ in (("user_id", emb.users), ("item_id", emb.items)):
+        table_.observe(table[name].take(kept).to_pylist(), ts)
+    dense_version = emb.dense_version
+    bar = _progress(progress, _batches(len(order), step), "train")
+    chunk = step * CHUNK_BATCHES
+    try:
+        for c, s in enumerate(range(0, len(order), chunk)):
+            examples = to_examples(table.take(order[s:s + chunk]))
+            if models.rate < 1:
+                examples = [e if e["label"] else {**e, "sample_rate": models.rate}
+                            for e in examples]
+            for b in range(0, len(examples), step):
+                part = examples[b:b + step]
+                indptr, indices = models.hasher.batch(part)
+                y = np.fromiter((e["label"] for e in part), np.float64, len(part))
+                models.ftrl.learn_many(indptr, indices, y)
+                models.bopr.learn_many(indptr, indices, y)
+            # The chunk's examples are already in shuffled order; train_epoch shuffles them
+            # again within the chunk, from a seed of its own.
+            emb.train_epoch(examples, batch_size=step, shuffle_seed=seed + 1 + c,
+                            observe=False)
+            _note_items(models, examples)
+            models.examples += len(examples)
+            if bar is not None:
+                bar.update(_batches(len(examples), step))
+    finally:
+        if bar is not None:
+            bar.close()
+    emb.dense_version = dense_version + 1  # one epoch, whatever the number of chunks
+    return len(order)
+
+
+def online_predictions(table: pa.Table) -> dict[str, np.ndarray]:
+    """The online models' progressive predictions stored with each example (NaN: none)."""
+    return {key: pc.fill_null(table[col], float("nan")).to_numpy(zero_copy_only=False)
+            for col, key in ONLINE_P.items()}
+
+
+def learn_holdout(models: Models, table: pa.Table,
+                  progress: Callable[..., Any] | None = None
+                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Predict the holdout with the models as trained (frozen), then learn it in event-time
+    order as the learn flow would (``Models.learn``: each example predicted just before it is
+    learned). Returns (frozen, progressive) predictions, each model -> array. The models'
+    progressive metrics restart here: they describe the new version on the holdout."""
+    models.metrics = {m: ProgressiveMetrics(models.cfg.metrics_window) for m in MODELS}
+    step = models.cfg.retrain_batch_size
+    chunk = step * CHUNK_BATCHES
+    n = table.num_rows
+    frozen = {m: np.empty(n) for m in MODELS}
+    progressive = {m: np.empty(n) for m in MODELS}
+    bar = _progress(progress, 2 * _batches(n, step), "holdout")
+    try:
+        for learn in (False, True):
+            for s in range(0, n, chunk):
+                examples = to_examples(table.slice(s, chunk))
+                k = len(examples)
+                if not learn:
+                    for m, p in models.predict(examples).items():
+                        frozen[m][s:s + k] = p
+                else:
+                    for e in examples:
+                        e.pop("online_p", None)  # the online models'; Models.learn sets ours
+                    models.learn(examples, annotate=True)
+                    for m in MODELS:
+                        progressive[m][s:s + k] = [e["online_p"][m] for e in examples]
+                if bar is not None:
+                    bar.update(_batches(k, step))
+    finally:
+        if bar is not None:
+            bar.close()
+    return frozen, progressive
+
+
+def normalized_entropies(p: Mapping[str, np.ndarray], y: np.ndarray,
+                         mask: np.ndarray) -> dict[str, float]:
+    return {m: normalized_entropy(p[m][mask], y[mask]) for m in MODELS}
+
+
+def ne_difference_se(new: Mapping[str, np.ndarray], online: Mapping[str, np.ndarray],
+                     y: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """The standard error of each model's NE difference (retrained - online), from the
+    per-example log-loss differences (paired: same examples, same labels). Only reported:
+    with a few hundred positives in the holdout it is about as large as the default margin,
+    so a refusal close to the margin may be noise."""
+    y = y[mask]
+    ctr = float(y.mean()) if len(y) else float("nan")
+    h = -(ctr * np.log(ctr) + (1 - ctr) * np.log1p(-ctr)) if 0 < ctr < 1 else float("nan")
+    out = {}
+    for m in MODELS:
+        d = log_loss(new[m][mask], y) - log_loss(online[m][mask], y)
+        out[m] = float(d.std(ddof=1) / np.sqrt(len(d)) / h) if len(d) > 1 else float("nan")
+    return out
+
+
+def refusal(ne_online: Mapping[str, float], ne_retrained: Mapping[str, float],
+            max_ne_regression: float) -> str | None:
+    """Why the retrained models must not be published (None: they may): for each model
+    whose NE is worse than the online model's by more than ``max_ne_regression``."""
+    worse = [f"{m}: retrained NE {ne_retrained[m]:.4f} > online NE {ne_online[m]:.4f} + "
+             f"{max_ne_regression:g} (learn.max_ne_regression)"
+             for m in MODELS if not ne_retrained[m] <= ne_online[m] + max_ne_regression]
+    if not worse:
+        return None
+    return "worse than the online models on the holdout: " + "; ".join(worse)
+
+
+def publish(store: ModelStore, models: Models, *, base: str | None, expected: str | None,
+            extra: Mapping, online_keep_days: float,
+            attempts: int = PUBLISH_ATTEMPTS) -> tuple[str, str | None, list[str]]:
+    """Write the models as a new version and make it current, expecting ``expected`` to be
+    current; publish over online versions published meanwhile. Returns (version, previous,
+    online versions published over); raises `RetrainConflict` when another retrain (or
+    anything but the learn flow) moved the pointer. The replaced version expires after the
+    store's keep_days, an online one after ``online_keep_days``."""
+    version = models.write_version(store, SOURCE, parent=base, extra=extra)
+    over: list[str] = []
+    for _ in range(attempts):
+        prev_meta = store.get_meta(expected) if expected is not None else None
+        online = prev_meta is not None and prev_meta.get("source") == "online"
+        try:
+            previous = store.publish(version, expected_current=expected,
+                                     keep_days=online_keep_days if online else None)
+            return version, previous, over
+        except PublishConflict as e:
+            found = e.found
+            meta = store.get_meta(found) if found is not None else None
+            source = meta.get("source") if meta else None
+            if found is not None and source != "online":
+                what = (f"a retrain of {meta.get('date')}" if source == SOURCE
+                        else f"a publisher of source {source!r}")
+                raise RetrainConflict(
+                    f"version {found} ({what}) was made current while this retrain ran "
+                    f"(it expected {expected!r}); not publishing version {version} over it "
+                    f"(it stays unpublished and expires)", version, found) from None
+            if found is None:
+                log.warning("retrain: the model pointer disappeared meanwhile (Redis "
+                            "emptied?); publishing into an empty store")
+            else:
+                log.info("retrain: the learn flow published version %s meanwhile; "
+                         "publishing %s over it", found, version)
+                over.append(found)
+            expected = found
+    raise RetrainConflict(f"the model pointer moved during each of {attempts} attempts to "
+                          f"publish version {version}", version, expected)
+
+
+# -- all together ---------------------------------------------------------------------------
+
+
+def retrain(cfg, date: str | dt.date, store: ModelStore, archive: ExampleArchive, *,
+            seed: int | None = None, force: bool = False, dry_run: bool = False,
+            evaluation: str = "progressive",
+            progress: Callable[..., Any] | None = None) -> RetrainResult:
+    """Retrain on ``date`` and publish (see the module docstring). ``cfg`` is a
+    ``flows.config.LearnConfig``; ``seed`` defaults to its ``seed``. ``progress`` is called
+    as ``progress(total=batches, desc=phase)`` and must return an object with ``update(n)``
+    and ``close()`` (``tqdm.tqdm`` does). Raises `NoArchive`; Redis errors propagate."""
+    if evaluation not in EVALUATIONS:
+        raise ValueError(f"evaluation must be one of {EVALUATIONS}, got {evaluation!r}")
+    t_start = time.perf_counter()
+    date = day_str(date)
+    seed = cfg.seed if seed is None else seed
+    res = RetrainResult(date=date, evaluation=evaluation, seed=seed)
+    timings = res.timings_s
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - since, 3)
+        return now
+
+    t = time.perf_counter()
+    day = load_day(archive, date)
+    res.rows, res.examples = day.rows, day.examples
+    res.positives, res.late_positives = day.positives, day.late_positives
+    if skipped := archive.skipped_files:
+        res.warnings.append(f"unreadable archive files skipped: {', '.join(skipped)}")
+    expected = store.current()  # what the pointer must still name when we publish
+    fresh = Models(cfg)
+    base, meta = find_base(store, date)
+    models = fresh
+    if base is not None:
+        why = incompatible(meta, fresh)
+        if why is None:
+            models = Models.load(cfg, store, base)
+            res.base, res.base_date = base, str(meta.get("date"))
+        else:
+            res.warnings.append(f"not warm-starting from retrain version {base}: {why}")
+    log.info("retrain %s: %s examples (%s positive, %s by late clicks); %s", date,
+             f"{res.examples:,}", f"{res.positives:,}", f"{res.late_positives:,}",
+             f"warm start from version {base} ({res.base_date})" if res.base
+             else "fresh models")
+    t = lap("read", t)
+
+    cut = split_holdout(day.examples, cfg.holdout_fraction)
+    train, holdout = day.table.slice(0, cut), day.table.slice(cut)
+    res.train_examples, res.holdout_examples = train.num_rows, holdout.num_rows
+    train_epoch(models, train, seed, progress)
+    t = lap("train", t)
+
+    y = holdout["label"].to_numpy(zero_copy_only=False).astype(np.float64)
+    res.holdout_positives = int(y.sum())
+    online = online_predictions(holdout)
+    covered = np.all([np.isfinite(online[m]) for m in MODELS], axis=0) if len(y) else (
+        np.zeros(0, bool))
+    res.online_coverage = float(covered.mean()) if len(y) else float("nan")
+    frozen, progressive = learn_holdout(models, holdout, progress)
+    t = lap("holdout", t)
+
+    reasons = []
+    if not res.train_examples:
+        reasons.append(f"nothing to train on ({res.examples} usable examples, "
+                       f"holdout_fraction {cfg.holdout_fraction})")
+    if not len(y):
+        reasons.append(f"the holdout is empty ({res.examples} usable examples, "
+                       f"holdout_fraction {cfg.holdout_fraction}): nothing to compare with")
+    elif not covered.any() or res.online_coverage < MIN_ONLINE_COVERAGE:
+        reasons.append(f"the online predictions are missing for {int((~covered).sum()):,} of "
+                       f"{len(y):,} holdout examples (archived before the learn flow stored "
+                       "them, or not learned online): nothing to compare with")
+    elif not y[covered].any():
+        reasons.append(f"the holdout ({len(y):,} examples) has no positive: NE is undefined")
+    else:
+        res.ne_online = normalized_entropies(online, y, covered)
+        res.ne_retrained_progressive = normalized_entropies(progressive, y, covered)
+        res.ne_retrained_frozen = normalized_entropies(frozen, y, covered)
+        rule = progressive if evaluation == "progressive" else frozen
+        res.ne_retrained = (res.ne_retrained_progressive if evaluation == "progressive"
+                            else res.ne_retrained_frozen)
+        res.ne_difference_se = ne_difference_se(rule, online, y, covered)
+        if why := refusal(res.ne_online, res.ne_retrained, cfg.max_ne_regression):
+            reasons.append(why)
+    if later := later_retrain(store, date):
+        reasons.append(f"version {later[0]} is a retrain of a later day ({later[1]}): "
+                       f"publishing {date}'s models would go back in time")
+    res.reason = "; ".join(reasons) or None
+    res.models = models
+
+    if dry_run:
+        res.status = "dry_run"
+    elif res.reason and not force:
+        res.status = "refused"
+    else:
+        if res.reason:
+            res.forced = True
+            log.warning("retrain %s: publishing despite: %s (--force)", date, res.reason)
+        res.elapsed_s = round(time.perf_counter() - t_start, 3)
+        extra = {"date": date, "train_examples": res.train_examples,
+                 "holdout_examples": res.holdout_examples, "positives": res.positives,
+                 "late_positives": res.late_positives, "ne_online": res.ne_online,
+                 "ne_retrained": res.ne_retrained, "ne_retrained_frozen":
+                 res.ne_retrained_frozen, "ne_difference_se": res.ne_difference_se,
+                 "evaluation": evaluation, "seed": seed,
+                 "forced": res.forced, "refusal_overridden": res.reason if res.forced else None,
+                 "elapsed_s": res.elapsed_s}
+        try:
+            res.version, res.previous, res.published_over = publish(
+                store, models, base=res.base, expected=expected, extra=extra,
+                online_keep_days=cfg.online_keep_hours / 24)
+            res.status = "published"
+        except RetrainConflict as e:
+            res.status, res.version = "conflict", e.version
+            res.reason = "; ".join(filter(None, [str(e), res.reason]))
+        t = lap("publish", t)
+    res.elapsed_s = round(time.perf_counter() - t_start, 3)
+    return res
