@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install test test-all demo bench lint clean
+.PHONY: install chromium test test-all chaos demo bench lint clean
 
 $(STAMP): pyproject.toml
 	@command -v redis-server >/dev/null 2>&1 || { \
@@ -18,12 +18,22 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: install
+# tests/test_report.py opens the HTML report in headless Chromium.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing chromium (apt)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+
+test: install chromium
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not slow" --doctest-modules joiner features learners tests
 
-test-all: install
+test-all: install chromium
 	$(BIN)/python -m pytest -q --doctest-modules joiner features learners tests
+
+# The outage tests with 30 s outages (make test runs them with 3 s).
+chaos: install
+	CTRSTREAM_CHAOS_OUTAGE_S=30 $(BIN)/python -m pytest -q -s tests/test_chaos.py
 
 demo: install
 	$(BIN)/python -m flows.demo

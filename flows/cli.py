@@ -13,7 +13,7 @@ from flows.config import ConfigError, load_config
 # Modules that add subcommands, in the order `--help` lists them.
 COMMAND_MODULES = ["flows.stack", "flows.produce", "flows.run", "flows.features_cli",
                    "flows.score_cli", "flows.doctor",
-                   "flows.embeddings_cli", "flows.retrain_cli"]
+                   "flows.embeddings_cli", "flows.retrain_cli", "flows.report"]
 
 
 def build_parser() -> argparse.ArgumentParser:

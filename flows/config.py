@@ -192,6 +192,19 @@ class GeneratorConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics of the flows (flows/metrics.py), served over HTTP."""
+
+    enabled: bool = True
+    # Loopback by default: the endpoint has no authentication. In a container, "0.0.0.0".
+    host: str = "127.0.0.1"
+    # Process i of a flow serves on its flow's port + i, so the processes of a multi-process
+    # run on one machine do not collide (join: 9464, 9465, ...); 0 turns that flow's server off.
+    join_port: int = 9464
+    learn_port: int = 9474
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: str = ".ctrstream/data"
     recovery_dir: str = ".ctrstream/recovery"
@@ -203,6 +216,7 @@ class Config:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     learn: LearnConfig = field(default_factory=LearnConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def replace(self, **changes: Any) -> Config:
         """Copy with changes; ``section={"key": value}`` updates one section. Validated."""

@@ -21,6 +21,7 @@ from flows.config import load_config
 from flows.kafka import read_topics
 from flows.learn import stats_path
 from flows.produce import produce, summary
+from flows.report import write_report
 from flows.run import run_flow
 from flows.simulator import (
     Faults,
@@ -96,7 +97,9 @@ def main() -> int:
     cfg = stack.config(cfg).replace(
         data_dir=str(base), recovery_dir=str(base / "recovery"),
         features={"enabled": True, "store_prefix": f"f-{run_id}"},
-        learn={"store_name": f"demo-{run_id}"},
+        # a log line (and a point in the report's plots) every second of a short run
+        join={"log_interval_s": 1.0},
+        learn={"store_name": f"demo-{run_id}", "log_interval_s": 1.0},
         kafka={t: f"{name}-{run_id}" for t, name in [
             ("impressions_topic", "impressions"), ("clicks_topic", "clicks"),
             ("examples_topic", "examples"), ("dead_letters_topic", "dead-letters")]})
@@ -153,6 +156,10 @@ def main() -> int:
     run_flow(cfg, "learn", until_eof=True, recovery=False)
     print(f"   {time.monotonic() - t0:.1f} s")
     show_learning(cfg, truth, ex, user)
+    cfg_path = base / "ctrstream.toml"
+    cfg_path.write_text(cfg.to_toml())
+    print(f"== report: {write_report(cfg)}")
+    print(f"   made again with: ctrstream --config {cfg_path} report")
     print("== the stack keeps running: `ctrstream stack status`, `ctrstream stack down`")
     return 0 if (got == want).all() else 1
 

@@ -15,6 +15,7 @@ from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from features.counters import EntityCounters
 from features.spec import FeatureSpec
 from features.store import connect, from_config, writer_from_config
+from flows import metrics
 from flows.config import Config
 from joiner.join import EXAMPLE, SEEN
 
@@ -96,6 +97,7 @@ class CountersLogic(StatefulBatchLogic):
                         "writing all %d entities again", len(changed))
         if changed:
             out.append((ROWS, [(e, i, c.values(e, i, newest), newest) for e, i in changed]))
+        metrics.features_report(entities=len(c))
         return out, StatefulBatchLogic.RETAIN
 
     def _redis_lost(self, now: float) -> bool:
@@ -106,6 +108,7 @@ class CountersLogic(StatefulBatchLogic):
         try:
             missing = self.redis.set(self.marker, 1, nx=True)
         except redis.RedisError:
+            metrics.redis_error("join")
             return False  # an outage: the store's writer waits it out
         lost, self.marker_set = bool(missing) and self.marker_set, True
         return lost
@@ -134,21 +137,37 @@ def signal_key(value: tuple) -> str:
 
 class _StorePartition(StatefulSinkPartition):
     def __init__(self, cfg: Config, spec: FeatureSpec) -> None:
-        self.writer = writer_from_config(from_config(cfg, spec.feature_names()), cfg)
+        store = from_config(cfg, spec.feature_names())
+        self.writer = writer_from_config(store, cfg)
+        write_many = store.write_many
+
+        def counted_write_many(*args, **kwargs):
+            # The writer retries failed writes inside its flush: count each failed attempt
+            # here, where it happens.
+            try:
+                return write_many(*args, **kwargs)
+            except redis.RedisError:
+                metrics.redis_error("join")
+                raise
+
+        store.write_many = counted_write_many
 
     def write_batch(self, items: list) -> None:
         for rows in items:
             for entity, id, values, ts in rows:
                 self.writer.put(entity, id, values, ts)
         self.writer.maybe_flush(time.monotonic())
+        metrics.features_report(writes=self.writer.written)
 
     def snapshot(self) -> None:
         # End of an epoch: once it is committed, recovery will not replay what fed these
         # rows, so they must be in Redis before it is.
         self.writer.flush()
+        metrics.features_report(writes=self.writer.written)
 
     def close(self) -> None:
         self.writer.flush()
+        metrics.features_report(writes=self.writer.written)
 
 
 class FeatureStoreSink(FixedPartitionedSink):

@@ -25,6 +25,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 
 from features.spec import FeatureSpec
 from flows import features_ops as fo
+from flows import metrics
 from flows.config import Config, load_config
 from flows.kafka import (
     LOW_LATENCY_CONSUMER,
@@ -72,6 +73,7 @@ class _JoinPartition(StatefulSourcePartition):
         self.eof: set[str] = set()
         self.done = False
         self.stats_path = Path(cfg.data_dir) / "join" / f"stats-p{part}.json"
+        self.history_path = self.stats_path.with_name(f"history-p{part}.jsonl")
         self.last_log = time.monotonic()
         self.events_since_log = 0
         imp_at = clk_at = OFFSET_BEGINNING
@@ -203,6 +205,13 @@ class _JoinPartition(StatefulSourcePartition):
         tmp = self.stats_path.with_suffix(".tmp")
         tmp.write_bytes(orjson.dumps(stats))
         os.replace(tmp, self.stats_path)
+        lag = {}
+        for topic, stream in self.topics.items():
+            n = metrics.consumer_lag(self.consumer, topic, self.part, j.next_offset[stream])
+            if n is not None:
+                lag[topic] = n
+        metrics.join_report(self.part, {s: t for t, s in self.topics.items()}, stats, lag)
+        metrics.append_history(self.history_path, {**stats, "consumer_lag": lag})
         self.last_log, self.events_since_log = now, 0
 
     def snapshot(self) -> dict:

@@ -23,9 +23,11 @@ from pathlib import Path
 import bytewax.operators as op
 import orjson
 import redis
+import torch
 from bytewax.dataflow import Dataflow
 from bytewax.operators import StatefulBatchLogic
 
+from flows import metrics
 from flows.config import Config, load_config
 from flows.kafka import KafkaRecordSink, TopicSource, dead_letter
 from learners.archive import ExampleArchive
@@ -77,6 +79,9 @@ def _check(ex) -> str | None:
 
 class LearnLogic(StatefulBatchLogic):
     def __init__(self, cfg: Config, resume: dict | None) -> None:
+        # One torch thread: on a busy machine two trained the embedding model 5-8x slower
+        # (learners/retrain.py measured it); the flow is one thread anyway.
+        torch.set_num_threads(1)
         self.cfg, lc = cfg, cfg.learn
         self.store = model_store(cfg, name=lc.store_name, keep_days=lc.keep_days)
         self.archive = ExampleArchive(Path(cfg.data_dir) / "archive")
@@ -188,8 +193,10 @@ class LearnLogic(StatefulBatchLogic):
             self._on_other_version(current)
             return
         changes = self.models.changes()
+        t0 = time.monotonic()
         try:
             n = _until_done("push", lambda: self.models.write(self.store, self.version, changes))
+            metrics.PUSH_SECONDS.labels("push").observe(time.monotonic() - t0)
         except ModelStoreError as e:  # our version is gone: Redis lost it
             log.warning("learn: %s; publishing everything as a new version", e)
             self._publish_new("version lost", expected=_until_done(
@@ -199,10 +206,12 @@ class LearnLogic(StatefulBatchLogic):
 
     def _on_other_version(self, current: str | None) -> None:
         """The pointer names a version this flow did not publish last. A daily retrain's:
-        continue from it (what was learned here since is left behind; the retrain saw those
-        days). One of ours that is newer than the state resumed after a crash, or none (Redis
-        lost it): publish ours over it; the examples since our snapshot are replayed into it,
-        so none is learned twice."""
+        continue from it. What was learned here since the retrained day ended (the hour or two
+        before the retrain ran) is left behind: neither the retrain nor the new version saw
+        it (replaying it from the archive would close that gap; not done yet). One of ours
+        that is newer than the state resumed after a crash, or none (Redis lost it): publish
+        ours over it; the examples since our snapshot are replayed into it, so none is
+        learned twice."""
         meta = None if current is None else _until_done(
             "read a version's meta", lambda: self.store.get_meta(current))
         if meta is None or meta.get("source") == "online":
@@ -239,6 +248,7 @@ class LearnLogic(StatefulBatchLogic):
             self._on_other_version(e.found)
             return
         self.version = version
+        metrics.PUSH_SECONDS.labels("version").observe(time.monotonic() - t0)
         log.info("learn: published model version %s (%s, %d examples learned) in %.1f s",
                  version, why, self.models.examples, time.monotonic() - t0)
 
@@ -250,8 +260,8 @@ class LearnLogic(StatefulBatchLogic):
     def _log(self, now: float) -> None:
         then, n_then = self.last_log
         rate = (self.counts["in"] - n_then) / max(now - then, 1e-9)
-        parts = []
-        for name, s in self.models.summary().items():
+        parts, summary = [], self.models.summary()  # once: its window AUC sorts the window
+        for name, s in summary.items():
             parts.append(f"{name} NE {s['window_ne']:.4f} calib {s['window_calibration']:.3f} "
                          f"AUC {s['window_auc']:.3f}")
         log.info("learn: %s in, %s learned, %s duplicates, %s dead letters, %.0f ex/s; %s",
@@ -259,7 +269,10 @@ class LearnLogic(StatefulBatchLogic):
                  f"{self.counts['duplicates']:,}", f"{self.counts['dead_letters']:,}", rate,
                  "; ".join(parts))
         write_stats(self.cfg, {"counts": self.counts, "version": self.version,
-                               "metrics": self.models.summary()})
+                               "metrics": summary})
+        metrics.learn_report(self.cfg, self.counts, summary, self.version, self.offsets)
+        metrics.append_history(history_path(self.cfg), {
+            "counts": self.counts, "version": self.version, "metrics": summary})
         self.next_log, self.last_log = now + self.cfg.learn.log_interval_s, (now, self.counts["in"])
 
 
@@ -271,6 +284,7 @@ def _until_done(what: str, fn):
         try:
             return fn()
         except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as e:
+            metrics.redis_error("learn")
             attempt += 1
             delay = min(0.05 * 2 ** attempt, 2.0)
             log.warning("learn: %s failed (attempt %d, Redis down %.1f s): %s; retrying in "
@@ -280,6 +294,11 @@ def _until_done(what: str, fn):
 
 def stats_path(cfg: Config) -> Path:
     return Path(cfg.data_dir) / "learn" / "stats.json"
+
+
+def history_path(cfg: Config) -> Path:
+    """One JSON line per log interval: counts, version and every model's metrics."""
+    return Path(cfg.data_dir) / "learn" / "history.jsonl"
 
 
 def write_stats(cfg: Config, stats: dict) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from bytewax._bytewax import cli_main, init_db_dir
 from bytewax.recovery import RecoveryConfig
 
+from flows import metrics
 from flows.config import Config
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ def run_flow(cfg: Config, name: str, *, until_eof: bool = False,
              addresses: list[str] | None = None) -> None:
     """Run one process of flow ``name`` in this process (blocks until the flow ends)."""
     flow = importlib.import_module(FLOWS[name]).build(cfg, until_eof=until_eof)
+    metrics.serve(cfg, name, process_id or 0)  # here: the only place that knows process_id
     n_proc = len(addresses) if addresses else 1
     cli_main(flow, workers_per_process=1, process_id=process_id, addresses=addresses,
              epoch_interval=timedelta(seconds=snapshot_interval_s),
@@ -90,7 +92,7 @@ def _cmd(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="run a dataflow (join)",
+    p = sub.add_parser("run", help="run a dataflow (join or learn)",
                        description="Run a dataflow with bytewax recovery in cfg.recovery_dir.")
     p.add_argument("flow", choices=sorted(FLOWS))
     p.add_argument("--until-eof", action="store_true",
