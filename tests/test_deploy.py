@@ -432,13 +432,14 @@ def test_cron_field_check():
     assert not _cron_ok("30 0 * *".split()) and not _cron_ok("60 0 * * *".split())
 
 
-def test_retrain_runs_daily_at_00_30_utc_without_overlap():
+def test_retrain_runs_daily_at_01_30_utc_without_overlap():
+    """01:30: late clicks are reported up to late_click_horizon_ms (1 h) after the day ends."""
     (cron,) = _objects("CronJob").values()
     schedule = cron["spec"]["schedule"].split()
     assert _cron_ok(schedule), cron["spec"]["schedule"]
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
     assert cron["spec"].get("timeZone") in ("Etc/UTC", "UTC")
-    assert schedule == ["30", "0", "*", "*", "*"]
+    assert schedule == ["30", "1", "*", "*", "*"]
     assert SERVICES["retrain"]["environment"]["RETRAIN_AT_UTC"] == "01:30"
     ((fields, user, command),) = _cron_entries()
     assert _cron_ok(fields) and fields == schedule
