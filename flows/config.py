@@ -112,7 +112,12 @@ class FeaturesConfig:
     # Window counters (features/counters.py): tiles per window ring, and how far behind an
     # entity's newest event an event may arrive and still be counted point-in-time exactly.
     tiles_per_window: int = 12
-    allowed_lateness_ms: int = 60_000
+    allowed_lateness_ms: int = 150_000
+    # An impression's point-in-time snapshot is taken this long (event time) after every join
+    # partition's watermark has passed it, so an impression that arrives out of order by up to
+    # this much is still in its neighbours' snapshots. Must be below allowed_lateness_ms: the
+    # rest is how far ahead of the watermark events are counted (and reach Redis) at once.
+    pit_delay_ms: int = 90_000
     # Redis feature store (features/store.py): keys are store_prefix:{entity:id}.
     store_prefix: str = "f"
     # Idle entities expire; longer than the longest window, whose counts are 0 by then anyway.

@@ -33,12 +33,13 @@ class CountersLogic(StatefulBatchLogic):
 
     Signals from the join partitions interleave in arrival order, which can run far from
     event time (a partition catching up reads impressions ahead of the clicks before them).
-    They wait in a heap and are counted in event-time order up to the allowed lateness past
-    the lowest partition's join watermark, and the changed entities go to Redis: in steady
-    state that is as soon as they arrive, which keeps the store fresh. An impression's
-    point-in-time snapshot waits for the watermark itself to pass it: everything before its
-    ts has been counted by then, and the query as of ts leaves out what came after (exactly,
-    since nothing more than the lateness after it has been counted)."""
+    They wait in a heap and are counted in event-time order up to ``allowed_lateness_ms -
+    pit_delay_ms`` past the lowest partition's join watermark, and the changed entities go to
+    Redis: in steady state that is as soon as they arrive, which keeps the store fresh. An
+    impression's point-in-time snapshot waits until the watermark is ``pit_delay_ms`` past
+    it: everything before its ts has been counted by then, even an impression that arrived
+    that much out of order, and the query as of ts leaves out what came after (exactly, since
+    nothing more than the lateness after it has been counted)."""
 
     def __init__(self, cfg: Config, spec: FeatureSpec, partitions: int, resume) -> None:
         allowed_lateness_ms = cfg.features.allowed_lateness_ms
@@ -47,7 +48,10 @@ class CountersLogic(StatefulBatchLogic):
         self.marker = f"{cfg.features.store_prefix}:counters-alive"
         self.marker_set = False  # set once: its absence later means Redis lost our writes
         self.next_check = 0.0
-        self.lead_ms = allowed_lateness_ms
+        self.pit_delay_ms = cfg.features.pit_delay_ms
+        self.lead_ms = allowed_lateness_ms - self.pit_delay_ms
+        if self.lead_ms < 0:
+            raise ValueError("features.pit_delay_ms must not exceed features.allowed_lateness_ms")
         self.partitions = partitions
         self.watermarks: dict[int, int] = {}
         self.waiting: list[tuple] = []  # heap of (ts, seq, kind, value), not yet counted
@@ -74,6 +78,7 @@ class CountersLogic(StatefulBatchLogic):
             return [], StatefulBatchLogic.RETAIN
         low = min(self.watermarks.values())
         limit, out = low + self.lead_ms, []
+        low -= self.pit_delay_ms  # the snapshots' watermark
         while True:
             next_ts = waiting[0][0] if waiting and waiting[0][0] <= limit else None
             while snapshots and snapshots[0][0] <= low and (
