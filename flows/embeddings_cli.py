@@ -29,11 +29,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import orjson
-import redis
 
-from features.store import MetaMissing, SchemaMismatch, redact_url
 from flows.config import Config
 from flows.features_cli import _age, _iso
+from flows.score_cli import guarded
 from learners.embeddings import FALLBACK_PREFIX, serving_keys
 from learners.publish import ModelStore, ModelStoreError, Rows, _decode_rows, _Layout
 from learners.scorer import Scorer
@@ -228,22 +227,10 @@ def _recommend(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-def _guarded(name: str, fn, args: argparse.Namespace, cfg: Config) -> int:
-    where = redact_url(cfg.redis.url)
-    try:
-        return fn(args, cfg)
-    except (redis.ConnectionError, redis.TimeoutError) as e:
-        print(f"ctrstream {name}: cannot reach Redis at {where}: {e}", file=sys.stderr)
-        return 1
-    except (ModelStoreError, MetaMissing, SchemaMismatch, redis.RedisError) as e:
-        print(f"ctrstream {name}: {e}", file=sys.stderr)
-        return 1
-
-
 def run_embeddings(args: argparse.Namespace, cfg: Config) -> int:
     from learners.publish import from_config
 
-    return _guarded("embeddings", lambda a, c: _get(a, from_config(c, name=c.learn.store_name)),
+    return guarded("embeddings", lambda a, c: _get(a, from_config(c, name=c.learn.store_name)),
                     args, cfg)
 
 
@@ -251,7 +238,7 @@ def run_recommend(args: argparse.Namespace, cfg: Config) -> int:
     if args.k < 1 or args.candidates < 1:
         print("ctrstream recommend: -k and --candidates must be >= 1", file=sys.stderr)
         return 2
-    return _guarded("recommend", _recommend, args, cfg)
+    return guarded("recommend", _recommend, args, cfg)
 
 
 def register(subparsers) -> None:

@@ -18,25 +18,34 @@ from learners.scorer import Scorer
 MODELS = ("emb", "bopr", "ftrl")
 
 
+def guarded(name: str, fn, args: argparse.Namespace, cfg: Config) -> int:
+    """``fn(args, cfg)``, with Redis and model-store errors said in a line (exit 1)."""
+    try:
+        return fn(args, cfg)
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        print(f"ctrstream {name}: cannot reach Redis at {redact_url(cfg.redis.url)}: {e}",
+              file=sys.stderr)
+        return 1
+    except (ModelStoreError, MetaMissing, SchemaMismatch, redis.RedisError) as e:
+        print(f"ctrstream {name}: {e}", file=sys.stderr)
+        return 1
+
+
 def run(args: argparse.Namespace, cfg: Config) -> int:
+    return guarded("score", _score, args, cfg)
+
+
+def _score(args: argparse.Namespace, cfg: Config) -> int:
     items = [i.strip() for i in args.items.split(",") if i.strip()]
     if not items:
         print("ctrstream score: --items needs at least one item id", file=sys.stderr)
         return 2
     context = {"device": args.device, "position": args.position,
                "hour": args.hour if args.hour is not None else time.gmtime().tm_hour}
-    where = redact_url(cfg.redis.url)
-    try:
-        scorer = Scorer.from_config(cfg)
-        t0 = time.perf_counter()
-        scores = scorer.score(args.user, items, context)
-        ms = (time.perf_counter() - t0) * 1000
-    except (redis.ConnectionError, redis.TimeoutError) as e:
-        print(f"ctrstream score: cannot reach Redis at {where}: {e}", file=sys.stderr)
-        return 1
-    except (ModelStoreError, MetaMissing, SchemaMismatch, redis.RedisError) as e:
-        print(f"ctrstream score: {e}", file=sys.stderr)
-        return 1
+    scorer = Scorer.from_config(cfg)
+    t0 = time.perf_counter()
+    scores = scorer.score(args.user, items, context)
+    ms = (time.perf_counter() - t0) * 1000
     scores.sort(key=lambda s: s[args.by], reverse=True)
     if args.json:
         out = {"user_id": args.user, "context": context, "version": scorer.version,

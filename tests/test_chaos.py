@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,7 +23,12 @@ from flows.run import run_flow
 from flows.simulator import Faults, StreamSpec, read_truth
 from flows.stack import LocalStack, create_topics, free_port
 from learners.publish import from_config as model_store
-from tests.test_join_flow import check_against_truth, check_counts_against_recount, join_config
+from tests.test_join_flow import (
+    check_against_truth,
+    check_counts_against_recount,
+    flow_process,
+    join_config,
+)
 from tests.test_learn_flow import check_learned_once, learn_config
 
 pytestmark = pytest.mark.integration
@@ -62,18 +66,11 @@ def wait_for(what: str, condition, proc: subprocess.Popen, timeout_s: float = 90
         time.sleep(0.05)
 
 
-def run_process(cfg_path: Path, flow: str, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "--config", str(cfg_path), "run", flow,
-         "--snapshot-interval", "0.3", *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-
-
 def finish(cfg_path: Path, flow: str, proc: subprocess.Popen) -> None:
     """Stop a flow that follows its input and resume it to the end of the input."""
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    proc = run_process(cfg_path, flow, "--until-eof")
+    proc = flow_process(cfg_path, flow, "--until-eof")
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err.decode()[-3000:]
 
@@ -92,7 +89,7 @@ def test_join_flow_rides_out_redis_and_broker_outages(stack, tmp_path):
     producer = threading.Thread(target=produce, args=(cfg, spec),
                                 kwargs={"truth_dir": tmp_path / "truth", "rate": 3000})
     producer.start()
-    proc = run_process(cfg_path, "join")
+    proc = flow_process(cfg_path, "join")
     client = redis.Redis.from_url(cfg.redis.url)
     wait_for("progress", lambda: emitted(cfg) > 1000, proc)
 
@@ -131,7 +128,7 @@ def test_learn_flow_rides_out_redis_outage_and_empty_restart(stack, tmp_path):
     cfg_path = tmp_path / "ctrstream.toml"
     cfg_path.write_text(cfg.to_toml())
 
-    proc = run_process(cfg_path, "learn")
+    proc = flow_process(cfg_path, "learn")
     store = model_store(cfg, name=cfg.learn.store_name)
     wait_for("a published version", lambda: store.current() is not None, proc)
     pause(stack.redis.pid(), OUTAGE_S)

@@ -158,9 +158,10 @@ def check_counts_against_recount(cfg, examples: list, truth) -> None:
                                  row[f"{kind}_{window_label(w)}"], "redis")
 
 
-def _run_join_process(cfg_path: Path, *extra: str) -> subprocess.Popen:
+def flow_process(cfg_path: Path, flow: str, *extra: str) -> subprocess.Popen:
+    """`ctrstream run FLOW` in its own process group (so a test can SIGKILL all of it)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "--config", str(cfg_path), "run", "join",
+        [sys.executable, "-m", "flows.cli", "--config", str(cfg_path), "run", flow,
          "--snapshot-interval", "0.3", *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
 
@@ -174,7 +175,7 @@ def test_sigkill_mid_stream_then_resume_loses_nothing(fresh_topics, tmp_path):
     producer = threading.Thread(target=produce, args=(cfg, spec),
                                 kwargs={"truth_dir": tmp_path / "truth", "rate": 10_000})
     producer.start()
-    proc = _run_join_process(cfg_path)
+    proc = flow_process(cfg_path, "join")
     stats_dir = Path(cfg.data_dir) / "join"
     deadline = time.monotonic() + 60
     while not any(orjson.loads(f.read_bytes()).get("impressions_emitted", 0) > 1000
@@ -186,7 +187,7 @@ def test_sigkill_mid_stream_then_resume_loses_nothing(fresh_topics, tmp_path):
     proc.wait()
     producer.join()
 
-    proc = _run_join_process(cfg_path, "--until-eof")
+    proc = flow_process(cfg_path, "join", "--until-eof")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err.decode()[-3000:]
     assert b"resumed from snapshot" in err

@@ -24,6 +24,7 @@ from learners.archive import ExampleArchive
 from learners.model import Models, usable
 from learners.publish import from_config as model_store
 from learners.scorer import Scorer
+from tests.test_join_flow import flow_process
 
 pytestmark = pytest.mark.integration
 
@@ -112,18 +113,11 @@ def test_learn_flow_learns_publishes_and_scores_from_redis(joined):
                                                             reverse=True)
 
 
-def _learn_process(cfg_path: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "--config", str(cfg_path), "run", "learn",
-         "--snapshot-interval", "0.3", *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-
-
 def test_sigkill_mid_stream_then_resume_learns_each_example_once(joined, tmp_path):
     cfg, records = joined
     cfg_path = tmp_path / "ctrstream.toml"
     cfg_path.write_text(cfg.to_toml())
-    proc = _learn_process(cfg_path)
+    proc = flow_process(cfg_path, "learn")
     deadline = time.monotonic() + 60
     while not (stats_path(cfg).exists() and orjson.loads(
             stats_path(cfg).read_bytes())["counts"]["learned"] > 2000):
@@ -134,7 +128,7 @@ def test_sigkill_mid_stream_then_resume_learns_each_example_once(joined, tmp_pat
     proc.wait()
     killed_at = orjson.loads(stats_path(cfg).read_bytes())["counts"]["learned"]
     assert killed_at < expected_counts(records)["learned"]  # the kill landed mid-stream
-    proc = _learn_process(cfg_path, "--until-eof")
+    proc = flow_process(cfg_path, "learn", "--until-eof")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err.decode()[-3000:]
     stats = check_learned_once(cfg, records)
