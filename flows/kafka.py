@@ -122,8 +122,11 @@ class _TopicPartition(StatefulSourcePartition):
     def next_awake(self) -> datetime | None:
         return self.awake
 
-    def snapshot(self) -> int:
-        return self.next_offset
+    def snapshot(self) -> int | None:
+        # Nothing read yet: no state, so a restart asks start_offsets again. (Else a flow that
+        # committed only its first epoch, before its stateful step saw an item, would restart
+        # "from the beginning" here while that step continues from a published version.)
+        return None if self.next_offset == OFFSET_BEGINNING else self.next_offset
 
     def close(self) -> None:
         self.consumer.close()
