@@ -31,9 +31,9 @@ test: install chromium
 test-all: install chromium
 	$(BIN)/python -m pytest -q --doctest-modules joiner features learners tests
 
-# The outage tests with 30 s outages (make test runs them with 3 s).
+# The outage and kill tests with 30 s outages and 10 kills a flow (make test: 3 s and 2).
 chaos: install
-	CTRSTREAM_CHAOS_OUTAGE_S=30 $(BIN)/python -m pytest -q -s tests/test_chaos.py
+	CTRSTREAM_CHAOS_OUTAGE_S=30 CTRSTREAM_CHAOS_KILLS=10 $(BIN)/python -m pytest -q -s tests/test_chaos.py
 
 demo: install
 	$(BIN)/python -m flows.demo

@@ -68,8 +68,12 @@ class _RecordSinkPartition(StatelessSinkPartition):
                 except BufferError:  # local queue full: wait for deliveries, then retry
                     self._producer.poll(0.1)
         # Flushing per batch makes the batch durable before the epoch that produced it can
-        # be snapshotted; bytewax batches are large enough that this costs little.
-        left = self._producer.flush(60)
+        # be snapshotted; bytewax batches are large enough that this costs little. While the
+        # broker is away the flow waits here (backpressure); librdkafka fails a record after
+        # its message.timeout.ms (5 min by default), and then the flow stops to be replayed.
+        t0 = time.monotonic()
+        while (left := self._producer.flush(10)) and not self._failed:
+            log.warning("%d records waiting for Kafka for %.0f s", left, time.monotonic() - t0)
         if left or self._failed:
             failed, self._failed = self._failed, []
             raise DeliveryError(f"{len(failed) + left} records not delivered "

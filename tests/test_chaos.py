@@ -1,11 +1,13 @@
 """Outages while the flows run, on a private broker and Redis: Redis paused, Redis restarted
 empty, the broker paused. The flows hold back and go on; in the end nothing is lost and Redis
-holds the right values. Outages last CTRSTREAM_CHAOS_OUTAGE_S seconds (3 in `make test`,
-30 in `make chaos`)."""
+holds the right values; and flows killed (SIGKILL) again and again at random points.
+Outages last CTRSTREAM_CHAOS_OUTAGE_S seconds and flows are killed CTRSTREAM_CHAOS_KILLS times
+(3 s and 2 in `make test`, 30 s and 10 in `make chaos`)."""
 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import threading
@@ -18,6 +20,7 @@ import redis
 
 from flows.config import Config
 from flows.kafka import read_topics
+from flows.learn import stats_path
 from flows.produce import produce
 from flows.run import run_flow
 from flows.simulator import Faults, StreamSpec, read_truth
@@ -34,6 +37,7 @@ from tests.test_learn_flow import check_learned_once, learn_config
 pytestmark = pytest.mark.integration
 
 OUTAGE_S = float(os.environ.get("CTRSTREAM_CHAOS_OUTAGE_S", "3"))
+KILLS = int(os.environ.get("CTRSTREAM_CHAOS_KILLS", "2"))
 
 
 @pytest.fixture
@@ -143,3 +147,60 @@ def test_learn_flow_rides_out_redis_outage_and_empty_restart(stack, tmp_path):
     assert meta["examples"] == stats["counts"]["learned"]
     print(f"chaos: learn flow survived a {OUTAGE_S:.0f} s Redis pause and Redis restarted empty;"
           f" {stats['counts']['learned']:,} examples learned once, a complete version in Redis")
+
+
+def test_join_flow_killed_again_and_again_loses_nothing(stack, tmp_path):
+    cfg = join_config(stack.config(Config()), tmp_path)
+    create_topics(cfg)
+    cfg_path = tmp_path / "ctrstream.toml"
+    cfg_path.write_text(cfg.to_toml())
+    n = 8000 * (KILLS + 1)
+    spec = StreamSpec(seed=23, impressions=n, faults=Faults.preset(n, 0.03))
+    producer = threading.Thread(target=produce, args=(cfg, spec),
+                                kwargs={"truth_dir": tmp_path / "truth", "rate": 3000})
+    producer.start()
+    rng = random.Random(KILLS)
+    for _ in range(KILLS):
+        proc = flow_process(cfg_path, "join")
+        target = emitted(cfg) + rng.randint(500, 4000)
+        wait_for("progress before a kill", lambda t=target: emitted(cfg) >= t, proc)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    producer.join()
+    finish(cfg_path, "join", flow_process(cfg_path, "join"))
+    examples = read_topics(cfg, [cfg.kafka.examples_topic])
+    truth = read_truth(tmp_path / "truth")
+    check_against_truth(cfg, examples, truth)
+    check_counts_against_recount(cfg, examples, truth)
+    print(f"chaos: join flow killed {KILLS + 1} times at random points; {len(truth):,} "
+          "impressions, every label and count as in the ground truth")
+
+
+def test_learn_flow_killed_again_and_again_learns_each_example_once(stack, tmp_path):
+    cfg = learn_config(stack.config(Config()), tmp_path)
+    create_topics(cfg)
+    produce(cfg, StreamSpec(seed=24, impressions=40_000, faults=Faults.preset(40_000, 0.03)),
+            truth_dir=tmp_path / "truth")
+    run_flow(cfg, "join", until_eof=True, recovery=False)
+    records = [orjson.loads(m.value()) for m in read_topics(cfg, [cfg.kafka.examples_topic])]
+    cfg_path = tmp_path / "ctrstream.toml"
+    cfg_path.write_text(cfg.to_toml())
+
+    def learned() -> int:
+        path = stats_path(cfg)
+        return orjson.loads(path.read_bytes())["counts"]["learned"] if path.exists() else 0
+
+    rng = random.Random(KILLS)
+    step = 30_000 // (KILLS + 1)
+    for i in range(KILLS):
+        proc = flow_process(cfg_path, "learn")
+        target = (i + 1) * step + rng.randint(0, step // 2)
+        wait_for("progress before a kill", lambda t=target: learned() >= t, proc)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finish(cfg_path, "learn", flow_process(cfg_path, "learn"))
+    stats = check_learned_once(cfg, records)
+    store = model_store(cfg, name=cfg.learn.store_name)
+    assert store.get_meta(store.current())["examples"] == stats["counts"]["learned"]
+    print(f"chaos: learn flow killed {KILLS + 1} times at random points; "
+          f"{stats['counts']['learned']:,} examples learned once each")
