@@ -1,7 +1,7 @@
 """Outages while the flows run, on a private broker and Redis: Redis paused, Redis restarted
 empty, the broker paused. The flows hold back and go on; in the end nothing is lost and Redis
 holds the right values; and flows killed (SIGKILL) again and again at random points.
-Outages last CTRSTREAM_CHAOS_OUTAGE_S seconds and flows are killed CTRSTREAM_CHAOS_KILLS times
+Outages last CHAOS_OUTAGE_S seconds and flows are killed CHAOS_KILLS times
 (3 s and 2 in `make test`, 30 s and 10 in `make chaos`)."""
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from tests.test_learn_flow import check_learned_once, learn_config
 
 pytestmark = pytest.mark.integration
 
-OUTAGE_S = float(os.environ.get("CTRSTREAM_CHAOS_OUTAGE_S", "3"))
-KILLS = int(os.environ.get("CTRSTREAM_CHAOS_KILLS", "2"))
+OUTAGE_S = float(os.environ.get("CHAOS_OUTAGE_S", "3"))
+KILLS = int(os.environ.get("CHAOS_KILLS", "2"))
 
 
 @pytest.fixture
