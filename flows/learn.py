@@ -231,6 +231,10 @@ class LearnLogic(StatefulBatchLogic):
         expected = self.version if expected is ... else expected
         t0 = time.monotonic()
 
+        # A version records the offsets it has learned through, and a flow started without
+        # recovery state reads on from there: what it learned must be archived first.
+        self._flush_archive()
+
         def write_and_publish() -> str:
             offsets = {str(p): o for p, o in self.offsets.items()}  # JSON keys are strings
             version = self.models.write_version(self.store, "online", parent,
