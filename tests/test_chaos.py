@@ -22,7 +22,6 @@ from flows.config import Config
 from flows.kafka import read_topics
 from flows.learn import stats_path
 from flows.produce import produce
-from flows.run import run_flow
 from flows.simulator import Faults, StreamSpec, read_truth
 from flows.stack import LocalStack, create_topics, free_port
 from learners.publish import from_config as model_store
@@ -32,7 +31,7 @@ from tests.test_join_flow import (
     flow_process,
     join_config,
 )
-from tests.test_learn_flow import check_learned_once, learn_config
+from tests.test_learn_flow import check_learned_once, join_examples, learn_config
 
 pytestmark = pytest.mark.integration
 
@@ -125,10 +124,7 @@ def test_join_flow_rides_out_redis_and_broker_outages(stack, tmp_path):
 def test_learn_flow_rides_out_redis_outage_and_empty_restart(stack, tmp_path):
     cfg = learn_config(stack.config(Config()), tmp_path)
     create_topics(cfg)
-    produce(cfg, StreamSpec(seed=22, impressions=40_000, faults=Faults.preset(40_000, 0.03)),
-            truth_dir=tmp_path / "truth")
-    run_flow(cfg, "join", until_eof=True, recovery=False)
-    records = [orjson.loads(m.value()) for m in read_topics(cfg, [cfg.kafka.examples_topic])]
+    records = join_examples(cfg, tmp_path, seed=22)
     cfg_path = tmp_path / "ctrstream.toml"
     cfg_path.write_text(cfg.to_toml())
 
@@ -179,10 +175,7 @@ def test_join_flow_killed_again_and_again_loses_nothing(stack, tmp_path):
 def test_learn_flow_killed_again_and_again_learns_each_example_once(stack, tmp_path):
     cfg = learn_config(stack.config(Config()), tmp_path)
     create_topics(cfg)
-    produce(cfg, StreamSpec(seed=24, impressions=40_000, faults=Faults.preset(40_000, 0.03)),
-            truth_dir=tmp_path / "truth")
-    run_flow(cfg, "join", until_eof=True, recovery=False)
-    records = [orjson.loads(m.value()) for m in read_topics(cfg, [cfg.kafka.examples_topic])]
+    records = join_examples(cfg, tmp_path, seed=24)
     cfg_path = tmp_path / "ctrstream.toml"
     cfg_path.write_text(cfg.to_toml())
 

@@ -41,16 +41,21 @@ def learn_config(cfg, tmp_path: Path):
         generator={"max_click_delay_s": 3600.0})
 
 
-@pytest.fixture
-def joined(fresh_topics, tmp_path):
-    """A config whose `examples` topic holds the join flow's output of a generator stream
-    with every fault on, and those example records."""
-    cfg = learn_config(fresh_topics, tmp_path)
-    spec = StreamSpec(seed=9, impressions=IMPRESSIONS, faults=Faults.preset(IMPRESSIONS, 0.03))
+def join_examples(cfg, tmp_path: Path, seed: int) -> list[dict]:
+    """Produce a generator stream with every fault on, run the join flow to its end and
+    return the example records it wrote to `examples`."""
+    spec = StreamSpec(seed=seed, impressions=IMPRESSIONS,
+                      faults=Faults.preset(IMPRESSIONS, 0.03))
     produce(cfg, spec, truth_dir=tmp_path / "truth")
     run_flow(cfg, "join", until_eof=True, recovery=False)
-    records = [orjson.loads(m.value()) for m in read_topics(cfg, [cfg.kafka.examples_topic])]
-    return cfg, records
+    return [orjson.loads(m.value()) for m in read_topics(cfg, [cfg.kafka.examples_topic])]
+
+
+@pytest.fixture
+def joined(fresh_topics, tmp_path):
+    """A config whose `examples` topic holds the join flow's output, and those records."""
+    cfg = learn_config(fresh_topics, tmp_path)
+    return cfg, join_examples(cfg, tmp_path, seed=9)
 
 
 def expected_counts(records: list[dict]) -> dict:
