@@ -33,7 +33,7 @@ test-all: install chromium
 
 # The outage and kill tests with 30 s outages and 10 kills a flow (make test: 3 s and 2).
 chaos: install
-	CHAOS_OUTAGE_S=30 CHAOS_KILLS=10 $(BIN)/python -m pytest -q -s tests/test_chaos.py
+	CHAOS_OUTAGE_S=30 CHAOS_KILLS=10 $(BIN)/python -m pytest -q -s tests/test_chaos.py tests/test_bad_input.py
 
 demo: install
 	$(BIN)/python -m flows.demo

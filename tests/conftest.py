@@ -53,3 +53,12 @@ def redis_client(stack_cfg):
     client.flushdb()
     yield client
     client.close()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The reliability table (tests/tally.py), when a test filled a row."""
+    from tests import tally
+
+    if tally.ROWS:
+        terminalreporter.write_sep("=", "reliability: what the tests counted")
+        terminalreporter.write_line(tally.table())

@@ -2,7 +2,8 @@
 empty, the broker paused. The flows hold back and go on; in the end nothing is lost and Redis
 holds the right values; and flows killed (SIGKILL) again and again at random points.
 Outages last CHAOS_OUTAGE_S seconds and flows are killed CHAOS_KILLS times
-(3 s and 2 in `make test`, 30 s and 10 in `make chaos`)."""
+(3 s and 2 in `make test`, 30 s and 10 in `make chaos`). Each test fills a row of the table
+printed at the end (tests/tally.py): what it survived and how every event was accounted for."""
 
 from __future__ import annotations
 
@@ -22,14 +23,17 @@ from flows.config import Config
 from flows.kafka import read_topics
 from flows.learn import stats_path
 from flows.produce import produce
-from flows.simulator import Faults, StreamSpec, read_truth
+from flows.simulator import MANIFEST_FILE, Faults, StreamSpec, read_truth
 from flows.stack import LocalStack, create_topics, free_port
+from learners.archive import ExampleArchive
 from learners.publish import from_config as model_store
+from tests import tally
 from tests.test_join_flow import (
     check_against_truth,
     check_counts_against_recount,
     flow_process,
     join_config,
+    join_stats,
 )
 from tests.test_learn_flow import check_learned_once, join_examples, learn_config
 
@@ -78,12 +82,56 @@ def finish(cfg_path: Path, flow: str, proc: subprocess.Popen) -> None:
     assert proc.returncode == 0, err.decode()[-3000:]
 
 
+JOIN_OUTCOMES = ("impressions_emitted", "impressions_duplicate", "impressions_dead",
+                 "clicks_joined", "clicks_duplicate", "clicks_late", "clicks_orphan",
+                 "clicks_dead", "pending", "held")
+
+
+def account_join(row: tally.Row, cfg, truth_dir: Path, examples: list, truth) -> None:
+    """Fill ``row`` from the producer's manifest, the join's counters and its output, then
+    check them: every acknowledged message read once and given exactly one outcome, and no
+    impression id with two different example records (replays after a kill must repeat the
+    same record, so downstream dedup by id is safe)."""
+    manifest = orjson.loads((truth_dir / MANIFEST_FILE).read_bytes())
+    sent = manifest["delivery"]["sent"]
+    s = join_stats(cfg)
+    read = s["impressions_in"] + s["clicks_in"]
+    bodies: dict[str, set] = {}
+    for m in examples:
+        ex = orjson.loads(m.value())
+        if ex["kind"] == "example":
+            bodies.setdefault(ex["impression_id"], set()).add(m.value())
+    row.events_in += sent
+    row.malformed += manifest["counts"]["malformed_impressions"] + manifest["counts"][
+        "malformed_clicks"]
+    row.accounted += sum(s[k] for k in JOIN_OUTCOMES)
+    row.lost += len(set(truth.column("impression_id").to_pylist()) - bodies.keys())
+    row.duplicates += sum(len(b) - 1 for b in bodies.values())
+    assert read == sent, f"the flow read {read:,} messages of {sent:,} sent"
+    assert row.accounted == row.events_in and row.lost == row.duplicates == 0, row
+
+
+def account_learn(row: tally.Row, cfg, records: list[dict], stats: dict) -> None:
+    """Fill ``row`` from the learn flow's counters and its archive (each id archived once)."""
+    c = stats["counts"]
+    archived = [r["impression_id"] for a in [ExampleArchive(Path(cfg.data_dir) / "archive")]
+                for d in a.days() for r in a.read_examples(d)]
+    row.events_in += len(records)
+    row.accounted += sum(c[k] for k in ("learned", "skipped", "duplicates", "corrections",
+                                        "dead_letters"))
+    row.lost += len({r["impression_id"] for r in records if r["kind"] == "example"}
+                    - set(archived))
+    row.duplicates += len(archived) - len(set(archived))
+    assert row.accounted == row.events_in and row.lost == row.duplicates == 0, row
+
+
 def emitted(cfg) -> int:
     return sum(orjson.loads(f.read_bytes()).get("impressions_emitted", 0)
                for f in (Path(cfg.data_dir) / "join").glob("stats-p*.json"))
 
 
 def test_join_flow_rides_out_redis_and_broker_outages(stack, tmp_path):
+    row = tally.row("join: Redis and broker paused, Redis restarted empty")
     cfg = join_config(stack.config(Config()), tmp_path)
     create_topics(cfg)
     cfg_path = tmp_path / "ctrstream.toml"
@@ -92,28 +140,32 @@ def test_join_flow_rides_out_redis_and_broker_outages(stack, tmp_path):
     producer = threading.Thread(target=produce, args=(cfg, spec),
                                 kwargs={"truth_dir": tmp_path / "truth", "rate": 3000})
     producer.start()
-    proc = flow_process(cfg_path, "join")
-    client = redis.Redis.from_url(cfg.redis.url)
-    wait_for("progress", lambda: emitted(cfg) > 1000, proc)
+    with tally.PeakRss(str(cfg_path)) as mem:
+        proc = flow_process(cfg_path, "join")
+        client = redis.Redis.from_url(cfg.redis.url)
+        wait_for("progress", lambda: emitted(cfg) > 1000, proc)
 
-    pause(stack.redis.pid(), OUTAGE_S)
-    before = emitted(cfg)
-    wait_for("progress after the Redis pause", lambda: emitted(cfg) > before, proc)
+        pause(stack.redis.pid(), OUTAGE_S)
+        before = emitted(cfg)
+        wait_for("progress after the Redis pause", lambda: emitted(cfg) > before, proc)
 
-    pause(stack.kafka.pid(), OUTAGE_S)
-    before = emitted(cfg)
-    wait_for("progress after the broker pause", lambda: emitted(cfg) > before, proc)
+        pause(stack.kafka.pid(), OUTAGE_S)
+        before = emitted(cfg)
+        wait_for("progress after the broker pause", lambda: emitted(cfg) > before, proc)
 
-    keys = client.dbsize()
-    stack.redis.stop()
-    stack.redis.start(20)  # empty: no persistence
-    client = redis.Redis.from_url(cfg.redis.url)
-    wait_for("the features written again", lambda: client.dbsize() >= keys, proc)
+        keys = client.dbsize()
+        stack.redis.stop()
+        stack.redis.start(20)  # empty: no persistence
+        client = redis.Redis.from_url(cfg.redis.url)
+        wait_for("the features written again", lambda: client.dbsize() >= keys, proc)
+        row.outages = 3
 
-    producer.join()
-    finish(cfg_path, "join", proc)
+        producer.join()
+        finish(cfg_path, "join", proc)
+    row.peak_rss_mb = mem.mb
     examples = read_topics(cfg, [cfg.kafka.examples_topic])
     truth = read_truth(tmp_path / "truth")
+    account_join(row, cfg, tmp_path / "truth", examples, truth)
     check_against_truth(cfg, examples, truth)
     check_counts_against_recount(cfg, examples, truth)
     print(f"chaos: join flow survived a {OUTAGE_S:.0f} s Redis pause, a {OUTAGE_S:.0f} s broker "
@@ -122,23 +174,28 @@ def test_join_flow_rides_out_redis_and_broker_outages(stack, tmp_path):
 
 
 def test_learn_flow_rides_out_redis_outage_and_empty_restart(stack, tmp_path):
+    row = tally.row("learn: Redis paused, Redis restarted empty")
     cfg = learn_config(stack.config(Config()), tmp_path)
     create_topics(cfg)
     records = join_examples(cfg, tmp_path, seed=22)
     cfg_path = tmp_path / "ctrstream.toml"
     cfg_path.write_text(cfg.to_toml())
 
-    proc = flow_process(cfg_path, "learn")
-    store = model_store(cfg, name=cfg.learn.store_name)
-    wait_for("a published version", lambda: store.current() is not None, proc)
-    pause(stack.redis.pid(), OUTAGE_S)
-    stack.redis.stop()
-    stack.redis.start(20)
-    store = model_store(cfg, name=cfg.learn.store_name)
-    wait_for("a version published again", lambda: store.current() is not None, proc)
-    finish(cfg_path, "learn", proc)
+    with tally.PeakRss(str(cfg_path)) as mem:
+        proc = flow_process(cfg_path, "learn")
+        store = model_store(cfg, name=cfg.learn.store_name)
+        wait_for("a published version", lambda: store.current() is not None, proc)
+        pause(stack.redis.pid(), OUTAGE_S)
+        stack.redis.stop()
+        stack.redis.start(20)
+        store = model_store(cfg, name=cfg.learn.store_name)
+        wait_for("a version published again", lambda: store.current() is not None, proc)
+        row.outages = 2
+        finish(cfg_path, "learn", proc)
+    row.peak_rss_mb = mem.mb
 
     stats = check_learned_once(cfg, records)
+    account_learn(row, cfg, records, stats)
     meta = store.get_meta(store.current())
     assert meta["examples"] == stats["counts"]["learned"]
     print(f"chaos: learn flow survived a {OUTAGE_S:.0f} s Redis pause and Redis restarted empty;"
@@ -146,6 +203,7 @@ def test_learn_flow_rides_out_redis_outage_and_empty_restart(stack, tmp_path):
 
 
 def test_join_flow_killed_again_and_again_loses_nothing(stack, tmp_path):
+    row = tally.row("join: SIGKILL at random points")
     cfg = join_config(stack.config(Config()), tmp_path)
     create_topics(cfg)
     cfg_path = tmp_path / "ctrstream.toml"
@@ -156,16 +214,21 @@ def test_join_flow_killed_again_and_again_loses_nothing(stack, tmp_path):
                                 kwargs={"truth_dir": tmp_path / "truth", "rate": 3000})
     producer.start()
     rng = random.Random(KILLS)
-    for _ in range(KILLS):
-        proc = flow_process(cfg_path, "join")
-        target = emitted(cfg) + rng.randint(500, 4000)
-        wait_for("progress before a kill", lambda t=target: emitted(cfg) >= t, proc)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    producer.join()
-    finish(cfg_path, "join", flow_process(cfg_path, "join"))
+    with tally.PeakRss(str(cfg_path)) as mem:
+        for _ in range(KILLS):
+            proc = flow_process(cfg_path, "join")
+            target = emitted(cfg) + rng.randint(500, 4000)
+            wait_for("progress before a kill", lambda t=target: emitted(cfg) >= t, proc)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            row.kills += 1
+        producer.join()
+        finish(cfg_path, "join", flow_process(cfg_path, "join"))
+        row.kills += 1
+    row.peak_rss_mb = mem.mb
     examples = read_topics(cfg, [cfg.kafka.examples_topic])
     truth = read_truth(tmp_path / "truth")
+    account_join(row, cfg, tmp_path / "truth", examples, truth)
     check_against_truth(cfg, examples, truth)
     check_counts_against_recount(cfg, examples, truth)
     print(f"chaos: join flow killed {KILLS + 1} times at random points; {len(truth):,} "
@@ -173,6 +236,7 @@ def test_join_flow_killed_again_and_again_loses_nothing(stack, tmp_path):
 
 
 def test_learn_flow_killed_again_and_again_learns_each_example_once(stack, tmp_path):
+    row = tally.row("learn: SIGKILL at random points")
     cfg = learn_config(stack.config(Config()), tmp_path)
     create_topics(cfg)
     records = join_examples(cfg, tmp_path, seed=24)
@@ -185,14 +249,19 @@ def test_learn_flow_killed_again_and_again_learns_each_example_once(stack, tmp_p
 
     rng = random.Random(KILLS)
     step = 30_000 // (KILLS + 1)
-    for i in range(KILLS):
-        proc = flow_process(cfg_path, "learn")
-        target = (i + 1) * step + rng.randint(0, step // 2)
-        wait_for("progress before a kill", lambda t=target: learned() >= t, proc)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finish(cfg_path, "learn", flow_process(cfg_path, "learn"))
+    with tally.PeakRss(str(cfg_path)) as mem:
+        for i in range(KILLS):
+            proc = flow_process(cfg_path, "learn")
+            target = (i + 1) * step + rng.randint(0, step // 2)
+            wait_for("progress before a kill", lambda t=target: learned() >= t, proc)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            row.kills += 1
+        finish(cfg_path, "learn", flow_process(cfg_path, "learn"))
+        row.kills += 1
+    row.peak_rss_mb = mem.mb
     stats = check_learned_once(cfg, records)
+    account_learn(row, cfg, records, stats)
     store = model_store(cfg, name=cfg.learn.store_name)
     assert store.get_meta(store.current())["examples"] == stats["counts"]["learned"]
     print(f"chaos: learn flow killed {KILLS + 1} times at random points; "
