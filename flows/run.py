@@ -1,8 +1,9 @@
 """`ctrstream run FLOW`: run a dataflow with bytewax recovery, on one or several processes.
 
-Several processes (``-p N``) are started and supervised together: bytewax brings a cluster
-down when one process dies, so if any child exits the others are stopped and the exit code is
-passed on (restart the set from recovery state).
+Several processes (``-p N``) are started and supervised together. bytewax cannot carry on
+without one of its processes, so when a child fails the others are stopped too; with
+``--restart`` the whole set is then started again from recovery state (backing off from 1 s to
+30 s while it keeps failing), otherwise the failure's exit code is passed on.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ def run_flow(cfg: Config, name: str, *, until_eof: bool = False,
              recovery_config=recovery_config(cfg, name, n_proc) if recovery else None)
 
 
-def _supervise(args: argparse.Namespace, cfg: Config) -> int:
+def _run_set(args: argparse.Namespace) -> int:
+    """Start ``args.processes`` processes of the flow and wait: 0 when all end well, else the
+    first failure's exit code, once the others are stopped."""
     from flows.stack import free_port
 
     addresses = [f"127.0.0.1:{free_port()}" for _ in range(args.processes)]
@@ -59,16 +62,15 @@ def _supervise(args: argparse.Namespace, cfg: Config) -> int:
     children = [subprocess.Popen(base + ["--process-id", str(i)]) for i in range(args.processes)]
     log.info("started %d processes of %s: pids %s", len(children), args.flow,
              [c.pid for c in children])
+    failed = 0
     try:
-        while True:
+        while not failed:
             codes = [c.poll() for c in children]
-            if all(c is not None for c in codes):
-                return max(codes)
-            failed = [c for c in codes if c not in (None, 0)]
-            if failed:
-                log.error("a %s process exited with %s: stopping the others", args.flow, failed[0])
-                break
+            if all(c == 0 for c in codes):
+                return 0
+            failed = next((c for c in codes if c not in (None, 0)), 0)
             time.sleep(0.2)
+        log.error("a %s process exited with %s: stopping the others", args.flow, failed)
     finally:
         for c in children:
             if c.poll() is None:
@@ -78,7 +80,27 @@ def _supervise(args: argparse.Namespace, cfg: Config) -> int:
                 c.wait(10)
             except subprocess.TimeoutExpired:
                 c.kill()
-    return failed[0]
+                c.wait()
+    return failed
+
+
+def _supervise(args: argparse.Namespace, cfg: Config) -> int:
+    if args.recovery:  # once, here: the children would race to create it
+        recovery_config(cfg, args.flow, args.processes)
+    # SIGTERM (docker stop, kubectl delete) stops the children like Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    backoff = 1.0
+    while True:
+        started = time.monotonic()
+        code = _run_set(args)
+        if code == 0 or not args.restart:
+            return code
+        if time.monotonic() - started > 60:  # it ran a while: a new failure, not a crash loop
+            backoff = 1.0
+        log.warning("restarting all %d processes of %s from recovery state in %.0f s",
+                    args.processes, args.flow, backoff)
+        time.sleep(backoff)
+        backoff = min(backoff * 2, 30.0)
 
 
 def _cmd(args: argparse.Namespace, cfg: Config) -> int:
@@ -99,6 +121,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="stop at the end of the input topics (closing every open window)")
     p.add_argument("-p", "--processes", type=int, default=1,
                    help="start and supervise this many local processes")
+    p.add_argument("--restart", action="store_true",
+                   help="with -p: when a process fails, restart the whole set from recovery "
+                        "state (backing off from 1 s to 30 s) instead of exiting")
     p.add_argument("--process-id", type=int, help="this process's index (multi-machine runs)")
     p.add_argument("--addresses", help="';'-separated host:port of every process")
     p.add_argument("--snapshot-interval", type=float, default=5.0, metavar="SECONDS",

@@ -73,11 +73,11 @@ def wait_for(what: str, condition, proc: subprocess.Popen, timeout_s: float = 90
         time.sleep(0.05)
 
 
-def finish(cfg_path: Path, flow: str, proc: subprocess.Popen) -> None:
+def finish(cfg_path: Path, flow: str, proc: subprocess.Popen, *extra: str) -> None:
     """Stop a flow that follows its input and resume it to the end of the input."""
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    proc = flow_process(cfg_path, flow, "--until-eof")
+    proc = flow_process(cfg_path, flow, "--until-eof", *extra)
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err.decode()[-3000:]
 
@@ -266,3 +266,44 @@ def test_learn_flow_killed_again_and_again_learns_each_example_once(stack, tmp_p
     assert store.get_meta(store.current())["examples"] == stats["counts"]["learned"]
     print(f"chaos: learn flow killed {KILLS + 1} times at random points; "
           f"{stats['counts']['learned']:,} examples learned once each")
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_one_of_two_join_processes_killed_again_and_again_loses_nothing(stack, tmp_path):
+    """`run join -p 2 --restart`: SIGKILL one of the two processes at random points; the
+    supervisor stops the other and restarts the set from recovery state each time."""
+    row = tally.row("join on 2 processes: one SIGKILLed at random points")
+    cfg = join_config(stack.config(Config()), tmp_path)
+    create_topics(cfg)
+    cfg_path = tmp_path / "ctrstream.toml"
+    cfg_path.write_text(cfg.to_toml())
+    n = 8000 * (KILLS + 1)
+    spec = StreamSpec(seed=25, impressions=n, faults=Faults.preset(n, 0.03))
+    producer = threading.Thread(target=produce, args=(cfg, spec),
+                                kwargs={"truth_dir": tmp_path / "truth", "rate": 3000})
+    producer.start()
+    rng = random.Random(KILLS)
+    with tally.PeakRss(str(cfg_path)) as mem:
+        sup = flow_process(cfg_path, "join", "-p", "2", "--restart")
+        for _ in range(KILLS):
+            wait_for("both processes", lambda: len(children(sup.pid)) == 2, sup)
+            pids = children(sup.pid)
+            target = emitted(cfg) + rng.randint(500, 4000)
+            wait_for("progress before a kill", lambda t=target: emitted(cfg) >= t, sup)
+            os.kill(rng.choice(pids), signal.SIGKILL)
+            row.kills += 1
+            wait_for("the set restarted",
+                     lambda p=set(pids): len(set(children(sup.pid)) - p) == 2, sup)
+        producer.join()
+        finish(cfg_path, "join", sup, "-p", "2")
+    row.peak_rss_mb = mem.mb
+    examples = read_topics(cfg, [cfg.kafka.examples_topic])
+    truth = read_truth(tmp_path / "truth")
+    account_join(row, cfg, tmp_path / "truth", examples, truth)
+    check_against_truth(cfg, examples, truth)
+    check_counts_against_recount(cfg, examples, truth)
+    print(f"chaos: one of 2 join processes killed {KILLS} times, the set restarted each time; "
+          f"{len(truth):,} impressions, every label and count as in the ground truth")
