@@ -207,6 +207,12 @@ class MetricsConfig:
     # run on one machine do not collide (join: 9464, 9465, ...); 0 turns that flow's server off.
     join_port: int = 9464
     learn_port: int = 9474
+    # A partition whose consumer lag has been at least lag_warn_messages for lag_window_s and
+    # has not fallen over it is behind: the input outruns the flow. Logged as a warning and
+    # exported as ctrstream_input_behind (also with enabled = false, logged only; the learn
+    # flow measures its lag only when enabled). Caught up again below half the threshold.
+    lag_window_s: float = 60.0
+    lag_warn_messages: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -252,7 +258,7 @@ _POSITIVE = {
     "window_examples", "baseline_halflife_examples", "kafka_port", "redis_port",
     "idle_timeout_s", "push_interval_s", "snapshot_interval_s", "log_interval_s",
     "ftrl_alpha", "bopr_beta", "bopr_prior_variance", "click_delay_median_s",
-    "start_timeout_s", "max_click_lag_ms",
+    "start_timeout_s", "max_click_lag_ms", "lag_window_s", "lag_warn_messages",
 }
 _UNIT_INTERVAL = {"base_ctr", "ctr_collapse_ratio"}
 

@@ -210,8 +210,10 @@ class _JoinPartition(StatefulSourcePartition):
             n = metrics.consumer_lag(self.consumer, topic, self.part, j.next_offset[stream])
             if n is not None:
                 lag[topic] = n
-        metrics.join_report(self.part, {s: t for t, s in self.topics.items()}, stats, lag)
-        metrics.append_history(self.history_path, {**stats, "consumer_lag": lag})
+        behind = metrics.join_report(self.cfg, self.part, {s: t for t, s in self.topics.items()},
+                                     stats, lag, now)
+        metrics.append_history(self.history_path,
+                               {**stats, "consumer_lag": lag, "input_behind": behind})
         self.last_log, self.events_since_log = now, 0
 
     def snapshot(self) -> dict:

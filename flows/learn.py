@@ -274,9 +274,11 @@ class LearnLogic(StatefulBatchLogic):
                  "; ".join(parts))
         write_stats(self.cfg, {"counts": self.counts, "version": self.version,
                                "metrics": summary})
-        metrics.learn_report(self.cfg, self.counts, summary, self.version, self.offsets)
+        behind = metrics.learn_report(self.cfg, self.counts, summary, self.version,
+                                      self.offsets, now)
         metrics.append_history(history_path(self.cfg), {
-            "counts": self.counts, "version": self.version, "metrics": summary})
+            "counts": self.counts, "version": self.version, "metrics": summary,
+            "input_behind": behind})
         self.next_log, self.last_log = now + self.cfg.learn.log_interval_s, (now, self.counts["in"])
 
 

@@ -11,6 +11,9 @@ So a scraped figure is as fresh as its flow's last log line (``join.log_interval
 happen. Each process serves its own endpoint: process i of a flow on ``<flow>_port + i``
 (``[metrics]`` in the config). The same figures go, one JSON line per log interval, to
 history files that `ctrstream report` plots.
+
+``LagWatch`` turns the consumer lag into a signal: a log warning and ``ctrstream_input_behind``
+when the input outruns a flow (``metrics.lag_warn_messages``, ``metrics.lag_window_s``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import orjson
@@ -47,6 +51,59 @@ for _kind in ("push", "version"):
     PUSH_SECONDS.labels(_kind)
 
 
+class LagWatch:
+    """Tells when the input outruns a flow, per (flow, topic, partition), from the consumer
+    lag handed over at each report. A partition is behind once its lag has been at least
+    ``warn_messages`` for a whole ``window_s`` and is no lower than at the window's start (a
+    high lag that falls is a backlog being worked off, as after a restart); it has caught up
+    once the lag is below half of that, so a lag around the threshold does not flap."""
+
+    REPEAT_S = 300.0  # while behind, the warning again at most this often
+
+    def __init__(self, window_s: float = 60.0, warn_messages: int = 100_000) -> None:
+        self.window_s, self.warn_messages = window_s, warn_messages
+        self.samples: dict[tuple[str, str, int], deque] = {}  # key -> (time, lag), oldest first
+        self.behind: dict[tuple[str, str, int], bool] = {}
+        self.growth: dict[tuple[str, str, int], float] = {}  # messages/s over the window
+        self.warned: dict[tuple[str, str, int], float] = {}
+
+    def update(self, key: tuple[str, str, int], now: float, lag: int) -> bool:
+        """One report's lag (``now``: seconds, monotonic); returns whether ``key`` is behind."""
+        s = self.samples.setdefault(key, deque())
+        s.append((now, lag))
+        # Keep the newest sample at or before the window's start: the window's first value.
+        while len(s) > 1 and s[1][0] <= now - self.window_s:
+            s.popleft()
+        t0, lag0 = s[0]
+        growth = self.growth[key] = (lag - lag0) / (now - t0) if now > t0 else float("nan")
+        flow, topic, part = key
+        if not self.behind.get(key):
+            whole = t0 <= now - self.window_s
+            high = min(n for _, n in s) >= self.warn_messages
+            self.behind[key] = whole and high and lag >= lag0
+            if self.behind[key]:
+                self.warned[key] = now
+                log.warning("%s flow: %s[%d] is behind: consumer lag %s messages, %+.0f "
+                            "messages/s over the last %.0f s; %s", flow, topic, part,
+                            f"{lag:,}", growth, now - t0, _hint(flow))
+        elif lag < self.warn_messages / 2:
+            self.behind[key] = False
+            log.info("%s flow: %s[%d] caught up: consumer lag %s messages", flow, topic, part,
+                     f"{lag:,}")
+        elif now - self.warned[key] >= self.REPEAT_S:
+            self.warned[key] = now
+            log.warning("%s flow: %s[%d] still behind: consumer lag %s messages, %+.0f "
+                        "messages/s over the last %.0f s; %s", flow, topic, part, f"{lag:,}",
+                        growth, now - t0, _hint(flow))
+        return self.behind[key]
+
+
+def _hint(flow: str) -> str:
+    if flow == "learn":  # one worker learns every example: more processes do not help
+        return "input outruns the pipeline: the models learn in one process, lower the input rate"
+    return "input outruns the pipeline: add processes (-p) or lower the input rate"
+
+
 class _Latest(Collector):
     """The latest figures each flow reported, turned into metric families at scrape time."""
 
@@ -56,10 +113,12 @@ class _Latest(Collector):
         self.lag: dict[tuple[str, str, int], int] = {}  # (flow, topic, partition) -> messages
         self.features: dict[str, float] = {}
         self.learn: dict | None = None
+        self.watch = LagWatch()
 
     def collect(self):
         with self.lock:
             join, lag = dict(self.join), dict(self.lag)
+            behind, growth = dict(self.watch.behind), dict(self.watch.growth)
             features, learn = dict(self.features), self.learn
         yield from _join_families(join)
         fam = GaugeMetricFamily(
@@ -68,6 +127,20 @@ class _Latest(Collector):
             labels=["flow", "topic", "partition"])
         for (flow, topic, part), n in sorted(lag.items()):
             fam.add_metric([flow, topic, str(part)], n)
+        yield fam
+        fam = GaugeMetricFamily(
+            "ctrstream_input_behind", "1 while the input outruns the flow: consumer lag at "
+            "least metrics.lag_warn_messages and not falling over metrics.lag_window_s (0 "
+            "again once below half of that)", labels=["flow", "topic", "partition"])
+        for (flow, topic, part), b in sorted(behind.items()):
+            fam.add_metric([flow, topic, str(part)], int(b))
+        yield fam
+        fam = GaugeMetricFamily(
+            "ctrstream_consumer_lag_growth_per_second", "Change of the consumer lag over the "
+            "last metrics.lag_window_s, in messages/s (> 0: the input outruns the flow)",
+            labels=["flow", "topic", "partition"])
+        for (flow, topic, part), g in sorted(growth.items()):
+            fam.add_metric([flow, topic, str(part)], g)
         yield fam
         if "entities" in features:
             yield GaugeMetricFamily("ctrstream_features_entities",
@@ -175,12 +248,28 @@ def redis_error(flow: str) -> None:
     REDIS_ERRORS.labels(flow).inc()
 
 
-def join_report(part: int, topics: dict[str, str], stats: dict, lag: dict[str, int]) -> None:
-    """A join partition's figures, from its ``_report``. ``topics``: stream -> topic name."""
+def join_report(cfg: Config, part: int, topics: dict[str, str], stats: dict,
+                lag: dict[str, int], now: float) -> bool | None:
+    """A join partition's figures, from its ``_report``. ``topics``: stream -> topic name;
+    ``lag``: topic -> messages behind. Whether the partition is behind (see ``lag_report``)."""
     with LATEST.lock:
         LATEST.join[part] = (topics, stats)
-        for topic, n in lag.items():
-            LATEST.lag[("join", topic, part)] = n
+    return lag_report(cfg, "join", {(topic, part): n for topic, n in lag.items()}, now)
+
+
+def lag_report(cfg: Config, flow: str, lag: dict[tuple[str, int], int],
+               now: float) -> bool | None:
+    """A flow's consumer lag, (topic, partition) -> messages, at ``now`` (monotonic seconds),
+    watched by ``LagWatch``: True if any of them is behind, None if there is no lag to
+    watch. It logs with metrics off as well (the figures are kept, just not served)."""
+    with LATEST.lock:
+        w = LATEST.watch
+        w.window_s, w.warn_messages = cfg.metrics.lag_window_s, cfg.metrics.lag_warn_messages
+        behind = False if lag else None
+        for (topic, part), n in lag.items():
+            LATEST.lag[(flow, topic, part)] = n
+            behind = w.update((flow, topic, part), now, n) or behind
+    return behind
 
 
 def features_report(entities: int | None = None, writes: int | None = None) -> None:
@@ -192,13 +281,15 @@ def features_report(entities: int | None = None, writes: int | None = None) -> N
 
 
 def learn_report(cfg: Config, counts: dict, summary: dict, version: str | None,
-                 offsets: dict[int, int]) -> None:
-    """The learn flow's figures, from its ``_log``; with metrics on, also its consumer lag."""
+                 offsets: dict[int, int], now: float) -> bool | None:
+    """The learn flow's figures, from its ``_log``; with metrics on, also its consumer lag
+    and whether it is behind (see ``lag_report``). With metrics off the lag is not asked for
+    (a broker call per log interval), so neither is there a behind signal: None."""
     lag = _learn_lag(cfg, offsets) if cfg.metrics.enabled else {}
     with LATEST.lock:
         LATEST.learn = {"counts": dict(counts), "metrics": summary, "version": version}
-        for part, n in lag.items():
-            LATEST.lag[("learn", cfg.kafka.examples_topic, part)] = n
+    topic = cfg.kafka.examples_topic
+    return lag_report(cfg, "learn", {(topic, part): n for part, n in lag.items()}, now)
 
 
 def _learn_lag(cfg: Config, offsets: dict[int, int]) -> dict[int, int]:

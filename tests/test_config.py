@@ -62,6 +62,7 @@ def test_file_lists(tmp_path):
     ({"CTRSTREAM_KAFKA__PARTITIONS": "2.5"}, "kafka.partitions: expected int"),
     ({"CTRSTREAM_FEATURES__WINDOWS_MS": "300000,-1"}, "features.windows_ms[1]: must be >= 0"),
     ({"CTRSTREAM_GENERATOR__BASE_CTR": "1.5"}, "generator.base_ctr: must be between 0 and 1"),
+    ({"CTRSTREAM_METRICS__LAG_WINDOW_S": "0"}, "metrics.lag_window_s: must be > 0"),
 ])
 def test_env_errors_name_the_key(env, message):
     with pytest.raises(ConfigError) as e:

@@ -97,6 +97,9 @@ def test_join_metrics_equal_what_was_produced(run):
     lags = [(lab, v) for lab, v in m["ctrstream_consumer_lag"]
             if lab["flow"] == "join" and lab["topic"] in (imp, clk)]
     assert len(lags) == 2 * cfg.kafka.partitions and all(v == 0 for _, v in lags), lags
+    behind = [v for lab, v in m["ctrstream_input_behind"]
+              if lab["flow"] == "join" and lab["topic"] in (imp, clk)]
+    assert len(behind) == 2 * cfg.kafka.partitions and not any(behind), behind
     assert m["ctrstream_features_entities"][0][1] > 0
     assert m["ctrstream_features_store_writes_total"][0][1] > 0
     assert total(m, "ctrstream_redis_errors_total", flow="join") == 0
@@ -106,6 +109,7 @@ def test_join_metrics_equal_what_was_produced(run):
         lines = read_jsonl(Path(cfg.data_dir) / "join" / f"history-p{p}.jsonl")
         stats = orjson.loads((Path(cfg.data_dir) / "join" / f"stats-p{p}.json").read_bytes())
         assert lines and lines[-1]["impressions_in"] == stats["impressions_in"]
+        assert lines[-1]["input_behind"] is False
         assert all(b["ts"] >= a["ts"] for a, b in zip(lines, lines[1:], strict=False))
 
 
@@ -131,6 +135,7 @@ def test_learn_metrics_are_sane(run):
     assert total(m, "ctrstream_redis_errors_total", flow="learn") == 0
     lines = read_jsonl(Path(cfg.data_dir) / "learn" / "history.jsonl")
     assert lines[-1]["counts"] == counts and set(lines[-1]["metrics"]) == set(metrics.MODELS)
+    assert lines[-1]["input_behind"] is False
 
 
 @pytest.mark.integration
@@ -182,3 +187,99 @@ def test_serve_skips_a_taken_port_without_failing(caplog):
     cfg = Config().replace(metrics={"learn_port": port - 1})
     assert metrics.serve(cfg, "learn", process_id=1) == port
     assert "ctrstream_redis_errors_total" in scrape(port)
+
+
+def _lag_cfg(window_s: float = 60.0, warn: int = 1000):
+    from flows.config import Config
+
+    return Config().replace(metrics={"lag_window_s": window_s, "lag_warn_messages": warn})
+
+
+def _gauges(topic: str, part: int = 0) -> tuple[float | None, float | None]:
+    """ctrstream_input_behind and the lag growth of ("join", topic, part), as scraped."""
+    from prometheus_client import REGISTRY
+
+    labels = {"flow": "join", "topic": topic, "partition": str(part)}
+    return (REGISTRY.get_sample_value("ctrstream_input_behind", labels),
+            REGISTRY.get_sample_value("ctrstream_consumer_lag_growth_per_second", labels))
+
+
+def _behind_lines(caplog, topic: str, what: str = "behind") -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if f"{topic}[0] {what}" in r.getMessage()]
+
+
+def test_growing_lag_is_behind_once_high_for_a_whole_window(caplog):
+    caplog.set_level("INFO", logger="flows.metrics")
+    cfg, topic = _lag_cfg(), "lag-growing"
+    # +20 messages/s from 600: past the threshold (1000) at t = 20, behind once the window
+    # from there on is all above it (t = 80), not before.
+    for t in range(0, 80, 10):
+        assert metrics.lag_report(cfg, "join", {(topic, 0): 600 + 20 * t}, float(t)) is False
+        assert _gauges(topic)[0] == 0
+    assert not _behind_lines(caplog, topic, "is behind")
+    assert metrics.lag_report(cfg, "join", {(topic, 0): 2200}, 80.0) is True
+    assert metrics.lag_report(cfg, "join", {(topic, 0): 2400}, 90.0) is True
+    (line,) = _behind_lines(caplog, topic, "is behind")  # once, not at every report
+    assert "2,200 messages" in line and "+20 messages/s" in line and "(-p)" in line
+    assert _gauges(topic) == (1, 20.0)
+    rec = next(r for r in caplog.records if "is behind" in r.getMessage())
+    assert rec.levelname == "WARNING"
+
+
+def test_high_but_falling_lag_is_not_behind(caplog):
+    cfg, topic = _lag_cfg(), "lag-falling"
+    for t in range(0, 300, 10):  # a backlog worked off: high for minutes, never behind
+        assert metrics.lag_report(cfg, "join", {(topic, 0): 50_000 - 100 * t}, float(t)) is False
+    assert _gauges(topic) == (0, -100.0)
+    assert not _behind_lines(caplog, topic, "is behind")
+    # a lag flat at a high level is behind (it is not being worked off)
+    for t in range(300, 370, 10):
+        metrics.lag_report(cfg, "join", {(topic, 0): 20_000}, float(t))
+    assert _gauges(topic) == (1, 0.0)
+
+
+def test_behind_until_below_half_the_threshold_and_warned_again_every_5_min(caplog):
+    caplog.set_level("INFO", logger="flows.metrics")
+    topic = "lag-hysteresis"
+    w = metrics.LagWatch(window_s=60, warn_messages=1000)
+    key = ("join", topic, 0)
+    for t in range(0, 70, 10):
+        w.update(key, float(t), 1500)
+    assert w.behind[key] and len(_behind_lines(caplog, topic, "is behind")) == 1
+    # drained below the threshold but not below half of it: still behind, no new warning
+    for t, lag in ((70, 900), (80, 600), (90, 501)):
+        assert w.update(key, float(t), lag) is True
+    assert not _behind_lines(caplog, topic, "still behind")
+    # back up and staying: the warning again once 5 minutes after the first (at t = 60)
+    for t in range(100, 360, 10):
+        assert w.update(key, float(t), 1200) is True
+    assert not _behind_lines(caplog, topic, "still behind")
+    w.update(key, 360.0, 1200)
+    w.update(key, 370.0, 1200)
+    assert len(_behind_lines(caplog, topic, "still behind")) == 1
+    # below half: caught up, said at INFO
+    assert w.update(key, 380.0, 499) is False
+    (line,) = _behind_lines(caplog, topic, "caught up")
+    assert "499 messages" in line
+    assert [r.levelname for r in caplog.records if "caught up" in r.getMessage()] == ["INFO"]
+    # and not behind again at the next high report: needs a whole window again
+    assert w.update(key, 390.0, 5000) is False
+
+
+def test_caught_up_sets_the_gauge_back_to_0(caplog):
+    caplog.set_level("INFO", logger="flows.metrics")
+    cfg, topic = _lag_cfg(window_s=30, warn=100), "lag-caught-up"
+    for t in (0, 10, 20, 30):
+        metrics.lag_report(cfg, "join", {(topic, 0): 200 + t}, float(t))
+    assert _gauges(topic)[0] == 1
+    assert metrics.lag_report(cfg, "join", {(topic, 0): 40}, 40.0) is False
+    assert _gauges(topic)[0] == 0
+    assert _behind_lines(caplog, topic, "caught up")
+
+
+def test_no_lag_to_watch_is_none(monkeypatch):
+    assert metrics.lag_report(_lag_cfg(), "learn", {}, 0.0) is None
+    monkeypatch.setattr(metrics.LATEST, "learn", None)  # restored after: a scrape's figures
+    cfg = _lag_cfg().replace(metrics={"enabled": False})  # the learn lag is not even asked
+    assert metrics.learn_report(cfg, {"in": 0}, {}, None, {0: 5}, 0.0) is None
