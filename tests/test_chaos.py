@@ -13,14 +13,16 @@ import signal
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import orjson
 import pytest
 import redis
+from confluent_kafka import Consumer, TopicPartition
 
 from flows.config import Config
-from flows.kafka import read_topics
+from flows.kafka import DeliveryError, read_topics
 from flows.learn import stats_path
 from flows.produce import produce
 from flows.simulator import MANIFEST_FILE, Faults, StreamSpec, read_truth
@@ -28,6 +30,7 @@ from flows.stack import LocalStack, create_topics, free_port
 from learners.archive import ExampleArchive
 from learners.publish import from_config as model_store
 from tests import tally
+from tests.netproxy import Forwarder
 from tests.test_join_flow import (
     check_against_truth,
     check_counts_against_recount,
@@ -50,6 +53,21 @@ def stack(tmp_path):
         s.up()
         yield s
     finally:
+        s.down()
+
+
+@pytest.fixture
+def forwarded_stack(tmp_path):
+    """A stack whose broker clients reach only through a Forwarder: (stack, forwarder)."""
+    fwd = Forwarder(free_port(), free_port())
+    s = LocalStack(tmp_path / "stack", fwd.target_port, free_port(),
+                   kafka_advertised_port=fwd.port)
+    fwd.start()
+    try:
+        s.up()
+        yield s, fwd
+    finally:
+        fwd.stop()
         s.down()
 
 
@@ -101,6 +119,7 @@ def account_join(row: tally.Row, cfg, truth_dir: Path, examples: list, truth) ->
         ex = orjson.loads(m.value())
         if ex["kind"] == "example":
             bodies.setdefault(ex["impression_id"], set()).add(m.value())
+    assert manifest["complete"] and manifest["delivery"]["failed"] == 0, manifest["delivery"]
     row.events_in += sent
     row.malformed += manifest["counts"]["malformed_impressions"] + manifest["counts"][
         "malformed_clicks"]
@@ -307,3 +326,96 @@ def test_one_of_two_join_processes_killed_again_and_again_loses_nothing(stack, t
     check_counts_against_recount(cfg, examples, truth)
     print(f"chaos: one of 2 join processes killed {KILLS} times, the set restarted each time; "
           f"{len(truth):,} impressions, every label and count as in the ground truth")
+
+
+def broker_gone(fwd: Forwarder) -> None:
+    """The broker off the network for OUTAGE_S: connections reset, new ones refused."""
+    fwd.stop()
+    try:
+        time.sleep(OUTAGE_S)  # the outage itself, not a wait for a condition
+    finally:
+        fwd.start()
+
+
+def test_producer_reports_what_the_gone_broker_did_not_take(forwarded_stack, tmp_path):
+    """Messages that cannot be delivered before their timeout raise DeliveryError with the
+    count; those the broker took are in the topic: sent = delivered + failed + undelivered."""
+    stack, fwd = forwarded_stack
+    cfg = stack.config(Config())
+    create_topics(cfg)
+    row = tally.row("produce: broker gone, failures reported")
+    with ThreadPoolExecutor(1) as pool:
+        done = pool.submit(produce, cfg, StreamSpec(seed=2, impressions=4000),
+                           truth_dir=tmp_path, rate=500, **{"message.timeout.ms": 2000})
+        consumer = Consumer(cfg.kafka_client(**{"group.id": "chaos-probe"}))
+        tp = TopicPartition(cfg.kafka.impressions_topic, 0)
+        deadline = time.monotonic() + 30
+        while consumer.get_watermark_offsets(tp, timeout=5)[1] < 100:
+            assert time.monotonic() < deadline and not done.done(), "nothing delivered"
+            time.sleep(0.05)
+        consumer.close()
+        fwd.stop()
+        row.outages = 1
+        with pytest.raises(DeliveryError, match="failed"):
+            done.result(timeout=180)
+    fwd.start()
+    delivery = orjson.loads((tmp_path / MANIFEST_FILE).read_bytes())["delivery"]
+    in_topics = len(read_topics(cfg, [cfg.kafka.impressions_topic, cfg.kafka.clicks_topic]))
+    row.events_in = delivery["sent"]
+    row.accounted = in_topics + delivery["failed"] + delivery["undelivered"]
+    row.lost = row.events_in - row.accounted
+    assert delivery["failed"] > 0 and row.lost == 0, delivery
+    print(f"chaos: a producer cut off from the broker reported {delivery['failed']:,} failed "
+          f"deliveries of {delivery['sent']:,}; the other {in_topics:,} are in the topics")
+
+
+def test_flows_reconnect_after_the_broker_goes_away(forwarded_stack, tmp_path):
+    """Join, then learn, each cut off from the broker mid-stream; both resume on their own."""
+    stack, fwd = forwarded_stack
+    cfg = learn_config(join_config(stack.config(Config()), tmp_path), tmp_path)
+    create_topics(cfg)
+    cfg_path = tmp_path / "ctrstream.toml"
+    cfg_path.write_text(cfg.to_toml())
+    spec = StreamSpec(seed=26, impressions=30_000, faults=Faults.preset(30_000, 0.03))
+    producer = threading.Thread(target=produce, args=(cfg, spec),
+                                kwargs={"truth_dir": tmp_path / "truth", "rate": 3000})
+    producer.start()
+
+    row = tally.row("join: broker unreachable (reset, refused)")
+    with tally.PeakRss(str(cfg_path)) as mem:
+        proc = flow_process(cfg_path, "join")
+        wait_for("progress", lambda: emitted(cfg) > 1000, proc)
+        broker_gone(fwd)
+        before = emitted(cfg)
+        wait_for("progress after the outage", lambda: emitted(cfg) > before, proc)
+        row.outages = 1
+        producer.join()
+        finish(cfg_path, "join", proc)
+    row.peak_rss_mb = mem.mb
+    examples = read_topics(cfg, [cfg.kafka.examples_topic])
+    truth = read_truth(tmp_path / "truth")
+    account_join(row, cfg, tmp_path / "truth", examples, truth)
+    check_against_truth(cfg, examples, truth)
+    check_counts_against_recount(cfg, examples, truth)
+
+    records = [orjson.loads(m.value()) for m in examples]
+    row = tally.row("learn: broker unreachable (reset, refused)")
+
+    def learned() -> int:
+        path = stats_path(cfg)
+        return orjson.loads(path.read_bytes())["counts"]["learned"] if path.exists() else 0
+
+    with tally.PeakRss(str(cfg_path)) as mem:
+        proc = flow_process(cfg_path, "learn")
+        wait_for("progress", lambda: learned() > 2000, proc)
+        broker_gone(fwd)
+        before = learned()
+        wait_for("progress after the outage", lambda: learned() > before, proc)
+        row.outages = 1
+        finish(cfg_path, "learn", proc)
+    row.peak_rss_mb = mem.mb
+    stats = check_learned_once(cfg, records)
+    account_learn(row, cfg, records, stats)
+    print(f"chaos: join and learn flows each lost the broker for {OUTAGE_S:.0f} s mid-stream "
+          f"and resumed on their own; {len(truth):,} impressions, labels, counts and "
+          f"{stats['counts']['learned']:,} examples learned once")
