@@ -46,6 +46,17 @@ OUTAGE_S = float(os.environ.get("CHAOS_OUTAGE_S", "3"))
 KILLS = int(os.environ.get("CHAOS_KILLS", "2"))
 
 
+def kill_flows(tmp_path: Path) -> None:
+    """SIGKILL what is left of the flows a test started (their command lines name its config
+    under tmp_path), so a failed test does not leave a flow running into the next ones."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(tmp_path).encode() in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
+        except OSError:  # gone meanwhile
+            pass
+
+
 @pytest.fixture
 def stack(tmp_path):
     s = LocalStack(tmp_path / "stack", free_port(), free_port())
@@ -53,6 +64,7 @@ def stack(tmp_path):
         s.up()
         yield s
     finally:
+        kill_flows(tmp_path)
         s.down()
 
 
@@ -67,6 +79,7 @@ def forwarded_stack(tmp_path):
         s.up()
         yield s, fwd
     finally:
+        kill_flows(tmp_path)
         fwd.stop()
         s.down()
 

@@ -1,0 +1,184 @@
+"""Sustained load on the join flow (with features), on a private broker and Redis:
+
+1. overload: the generator sends as fast as it can, far faster than the flow reads; the flow
+   must say so, in its log and in the history (the ``ctrstream_input_behind`` gauge's
+   source), and say when it has caught up. Its read rate meanwhile is the capacity;
+2. near capacity: the generator sends at SOAK_RATIO of that for SOAK_S seconds; memory,
+   HashQueue and lag must stay bounded and the flow must not say it is behind.
+
+SOAK_S is 20 in `make test` and 600 in `make chaos`. It prints its figures and fills a row of
+the reliability table."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from flows.config import Config
+from flows.produce import produce
+from flows.simulator import Faults, StreamSpec
+from flows.stack import create_topics
+from tests import tally
+from tests.test_chaos import stack  # noqa: F401  (a private stack per test)
+from tests.test_join_flow import join_config, join_stats
+
+pytestmark = pytest.mark.integration
+
+SOAK_S = float(os.environ.get("SOAK_S", "20"))
+SOAK_RATIO = 0.7
+WARN_LAG = 5000
+LAG_WINDOW_S = 3.0
+OVERLOAD_RATE, OVERLOAD_S = 20_000, 10
+MSGS_PER_IMPRESSION = 1.06  # clicks and faults on top of the impressions (checked below)
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def history_tail(cfg) -> list[dict]:
+    """The newest history record of each join partition."""
+    out = []
+    for f in sorted((Path(cfg.data_dir) / "join").glob("history-p*.jsonl")):
+        lines = f.read_bytes().splitlines()
+        if lines:
+            out.append(orjson.loads(lines[-1]))
+    return out
+
+
+def messages_read(cfg) -> int:
+    s = join_stats(cfg)
+    return s.get("impressions_in", 0) + s.get("clicks_in", 0)
+
+
+class Sampler:
+    """Every second: elapsed s, flow RSS MB, total consumer lag, HashQueue pending, behind."""
+
+    def __init__(self, cfg, pid: int) -> None:
+        self.cfg, self.pid, self.rows = cfg, pid, []
+        self.t0 = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            tail = history_tail(self.cfg)
+            self.rows.append((time.monotonic() - self.t0, rss_kb(self.pid) / 1024,
+                              sum(n for h in tail for n in h["consumer_lag"].values()),
+                              sum(h["pending"] for h in tail),
+                              any(h["input_behind"] for h in tail)))
+
+    def stop(self) -> np.ndarray:
+        self._stop.set()
+        self._thread.join()
+        return np.array(self.rows, dtype=np.float64)
+
+
+def start_join(cfg_path: Path, log_path: Path) -> subprocess.Popen:
+    # The log goes to a file: a pipe nobody reads would fill and block the flow.
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "--config", str(cfg_path), "run", "join"],
+            stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+
+
+def wait_until(what: str, condition, proc: subprocess.Popen, timeout_s: float,
+               detail=lambda: "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert proc.poll() is None, f"the flow exited while waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {detail()}"
+        time.sleep(0.1)
+
+
+def test_overload_is_signalled_and_load_near_capacity_is_sustained(stack, tmp_path):  # noqa: F811
+    row = tally.row(f"join under load: overload, then {SOAK_S:.0f} s near capacity")
+    cfg = join_config(stack.config(Config()), tmp_path).replace(
+        metrics={"enabled": False, "lag_warn_messages": WARN_LAG,
+                 "lag_window_s": LAG_WINDOW_S})
+    create_topics(cfg)
+    cfg_path = tmp_path / "ctrstream.toml"
+    cfg_path.write_text(cfg.to_toml())
+    log_path = tmp_path / "join.log"
+    sent, start_ms = 0, int(time.time() * 1000) - 20 * 86_400_000  # within max_past_ms
+
+    def send(seed: int, impressions: int, rate: float | None) -> dict:
+        """A stream starting an hour of event time after the previous one ended."""
+        nonlocal sent, start_ms
+        m = produce(cfg, StreamSpec(seed=seed, impressions=impressions, start_ms=start_ms,
+                                    faults=Faults.preset(impressions, 0.03)),
+                    truth_dir=tmp_path / f"truth-{seed}", rate=rate)
+        sent += m["delivery"]["sent"]
+        start_ms = m["end_ms"] + 3_600_000
+        return m
+
+    proc = start_join(cfg_path, log_path)
+    try:
+        # 1. Overload: OVERLOAD_RATE for OVERLOAD_S, several times what the flow reads. The
+        # flow's read rate from its first message until it has drained the backlog, with the
+        # generator and the broker on the same 2 cores, is the capacity.
+        sampler = Sampler(cfg, proc.pid)
+        over = threading.Thread(target=send, args=(
+            1, int(OVERLOAD_RATE * OVERLOAD_S / MSGS_PER_IMPRESSION), OVERLOAD_RATE))
+        over.start()
+        wait_until("the input being read", lambda: messages_read(cfg) > 0, proc, 60)
+        t0, n0 = time.monotonic(), messages_read(cfg)
+        wait_until("the behind signal", lambda: any(
+            h["input_behind"] for h in history_tail(cfg)), proc, 120)
+        over.join()
+        wait_until("the overload drained", lambda: messages_read(cfg) >= sent, proc, 300)
+        capacity = (messages_read(cfg) - n0) / (time.monotonic() - t0)
+        wait_until("the caught-up signal", lambda: not any(
+            h["input_behind"] for h in history_tail(cfg)), proc, 60)
+        overload = sampler.stop()
+
+        # 2. Near capacity for SOAK_S.
+        rate = SOAK_RATIO * capacity
+        sampler = Sampler(cfg, proc.pid)
+        achieved = send(2, int(rate * SOAK_S / MSGS_PER_IMPRESSION), rate)["messages_per_s"]
+        near = sampler.stop()
+        wait_until("the input", lambda: messages_read(cfg) >= sent, proc, 60,
+                   lambda: f"read {messages_read(cfg):,} of {sent:,}, capacity {capacity:,.0f}")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log = log_path.read_text(errors="replace")
+
+    # Near capacity: bounded memory, queue and lag, and no alarm.
+    t, mb, lag, pending, behind = near.T
+    third = len(t) // 3
+    print(f"\nsoak: capacity {capacity:,.0f} msg/s; near capacity ({rate:,.0f} msg/s asked, "
+          f"{achieved:,.0f} sent) for "
+          f"{t[-1]:.0f} s: RSS {mb[third]:,.0f} -> {mb[-1]:,.0f} MB (peak {mb.max():,.0f}), "
+          f"lag p50 {np.median(lag):,.0f} max {lag.max():,.0f} messages (last third max "
+          f"{lag[-third:].max():,.0f}), HashQueue pending max {pending.max():,.0f}; "
+          f"overload: behind after {overload[np.argmax(overload[:, 4] > 0), 0]:.0f} s, lag max "
+          f"{overload[:, 2].max():,.0f}, RSS max {overload[:, 1].max():,.0f} MB")
+    assert not behind.any(), "near capacity the flow said it was behind"
+    assert lag[-third:].max() <= max(2 * lag[third:2 * third].max(), rate), "lag kept growing"
+    assert mb[-third:].max() <= 1.2 * mb[:2 * third].max() + 20, "memory kept growing"
+    assert "is behind: consumer lag" in log and "input outruns the pipeline" in log
+    assert "caught up" in log
+    s = join_stats(cfg)
+    row.outages = 0
+    row.events_in = sent
+    row.accounted = sum(s[k] for k in ("impressions_emitted", "impressions_duplicate",
+                                        "impressions_dead", "clicks_joined", "clicks_duplicate",
+                                        "clicks_late", "clicks_orphan", "clicks_dead",
+                                        "pending", "held"))
+    row.lost = sent - messages_read(cfg)
+    row.peak_rss_mb = max(mb.max(), overload[:, 1].max())
+    assert row.accounted == sent and row.lost == 0
