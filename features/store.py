@@ -436,6 +436,8 @@ def connect(cfg: Config) -> redis.Redis:
     from redis.backoff import ExponentialBackoff
     from redis.retry import Retry
 
+    from flows.config import ConfigError
+
     r = cfg.redis
     kwargs: dict = {
         "socket_timeout": r.socket_timeout_s or None,
@@ -449,6 +451,10 @@ def connect(cfg: Config) -> redis.Redis:
     if r.ssl:
         kwargs["ssl"] = True
     if r.ssl_ca_certs:
+        # redis-py refuses a CA for a plain-text connection with a TypeError; say why instead.
+        if not (r.ssl or r.url.startswith("rediss://")):
+            raise ConfigError("redis.ssl_ca_certs is set but the connection is plain text: "
+                              "use a rediss:// URL or redis.ssl = true")
         kwargs["ssl_ca_certs"] = r.ssl_ca_certs
     if r.cluster:
         from redis.cluster import RedisCluster

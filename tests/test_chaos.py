@@ -1,6 +1,7 @@
-"""Outages while the flows run, on a private broker and Redis: Redis paused, Redis restarted
-empty, the broker paused. The flows hold back and go on; in the end nothing is lost and Redis
-holds the right values; and flows killed (SIGKILL) again and again at random points.
+"""Outages while the flows run, on a private broker and Redis: Redis paused, Redis stopped and
+back empty, the broker paused or cut off the network, a producer cut off. The flows hold back
+and go on; in the end nothing is lost and Redis holds the right values. And flows killed
+(SIGKILL) again and again at random points, also one of two processes of a join.
 Outages last CHAOS_OUTAGE_S seconds and flows are killed CHAOS_KILLS times
 (3 s and 2 in `make test`, 30 s and 10 in `make chaos`). Each test fills a row of the table
 printed at the end (tests/tally.py): what it survived and how every event was accounted for."""
@@ -93,6 +94,13 @@ def pause(pid: int, seconds: float) -> None:
         os.kill(pid, signal.SIGCONT)
 
 
+def redis_down(stack: LocalStack) -> None:
+    """Redis stopped for OUTAGE_S (connections refused), then started again empty."""
+    stack.redis.stop()
+    time.sleep(OUTAGE_S)  # the outage itself, not a wait for a condition
+    stack.redis.start(20)  # no persistence: it comes back empty
+
+
 def wait_for(what: str, condition, proc: subprocess.Popen, timeout_s: float = 90) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -163,7 +171,7 @@ def emitted(cfg) -> int:
 
 
 def test_join_flow_rides_out_redis_and_broker_outages(stack, tmp_path):
-    row = tally.row("join: Redis and broker paused, Redis restarted empty")
+    row = tally.row("join: Redis and broker paused, Redis stopped, back empty")
     cfg = join_config(stack.config(Config()), tmp_path)
     create_topics(cfg)
     cfg_path = tmp_path / "ctrstream.toml"
@@ -186,8 +194,7 @@ def test_join_flow_rides_out_redis_and_broker_outages(stack, tmp_path):
         wait_for("progress after the broker pause", lambda: emitted(cfg) > before, proc)
 
         keys = client.dbsize()
-        stack.redis.stop()
-        stack.redis.start(20)  # empty: no persistence
+        redis_down(stack)
         client = redis.Redis.from_url(cfg.redis.url)
         wait_for("the features written again", lambda: client.dbsize() >= keys, proc)
         row.outages = 3
@@ -201,12 +208,12 @@ def test_join_flow_rides_out_redis_and_broker_outages(stack, tmp_path):
     check_against_truth(cfg, examples, truth)
     check_counts_against_recount(cfg, examples, truth)
     print(f"chaos: join flow survived a {OUTAGE_S:.0f} s Redis pause, a {OUTAGE_S:.0f} s broker "
-          f"pause and Redis restarted empty; {len(truth):,} impressions, labels and Redis "
-          "counts as in the ground truth")
+          f"pause and Redis stopped for {OUTAGE_S:.0f} s, back empty; {len(truth):,} "
+          "impressions, labels and Redis counts as in the ground truth")
 
 
 def test_learn_flow_rides_out_redis_outage_and_empty_restart(stack, tmp_path):
-    row = tally.row("learn: Redis paused, Redis restarted empty")
+    row = tally.row("learn: Redis paused, Redis stopped, back empty")
     cfg = learn_config(stack.config(Config()), tmp_path)
     create_topics(cfg)
     records = join_examples(cfg, tmp_path, seed=22)
@@ -218,8 +225,7 @@ def test_learn_flow_rides_out_redis_outage_and_empty_restart(stack, tmp_path):
         store = model_store(cfg, name=cfg.learn.store_name)
         wait_for("a published version", lambda: store.current() is not None, proc)
         pause(stack.redis.pid(), OUTAGE_S)
-        stack.redis.stop()
-        stack.redis.start(20)
+        redis_down(stack)
         store = model_store(cfg, name=cfg.learn.store_name)
         wait_for("a version published again", lambda: store.current() is not None, proc)
         row.outages = 2
@@ -230,7 +236,8 @@ def test_learn_flow_rides_out_redis_outage_and_empty_restart(stack, tmp_path):
     account_learn(row, cfg, records, stats)
     meta = store.get_meta(store.current())
     assert meta["examples"] == stats["counts"]["learned"]
-    print(f"chaos: learn flow survived a {OUTAGE_S:.0f} s Redis pause and Redis restarted empty;"
+    print(f"chaos: learn flow survived a {OUTAGE_S:.0f} s Redis pause and Redis stopped for "
+          f"{OUTAGE_S:.0f} s, back empty;"
           f" {stats['counts']['learned']:,} examples learned once, a complete version in Redis")
 
 
