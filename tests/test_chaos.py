@@ -35,9 +35,11 @@ from tests.netproxy import Forwarder
 from tests.test_join_flow import (
     check_against_truth,
     check_counts_against_recount,
+    flow_log,
     flow_process,
     join_config,
     join_stats,
+    run_to_end,
 )
 from tests.test_learn_flow import check_learned_once, join_examples, learn_config
 
@@ -106,9 +108,10 @@ def wait_for(what: str, condition, proc: subprocess.Popen, timeout_s: float = 90
     while not condition():
         if proc.poll() is not None:
             pytest.fail(f"flow exited while waiting for {what}: "
-                        f"{proc.stderr.read().decode()[-3000:]}")
+                        f"{flow_log(proc)[-3000:]}")
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
+            pytest.fail(f"timed out waiting for {what}; the flow's log ends:\n"
+                        f"{flow_log(proc)[-3000:]}")
         time.sleep(0.05)
 
 
@@ -116,9 +119,7 @@ def finish(cfg_path: Path, flow: str, proc: subprocess.Popen, *extra: str) -> No
     """Stop a flow that follows its input and resume it to the end of the input."""
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    proc = flow_process(cfg_path, flow, "--until-eof", *extra)
-    _, err = proc.communicate(timeout=180)
-    assert proc.returncode == 0, err.decode()[-3000:]
+    run_to_end(flow_process(cfg_path, flow, "--until-eof", *extra), 180)
 
 
 JOIN_OUTCOMES = ("impressions_emitted", "impressions_duplicate", "impressions_dead",
@@ -165,6 +166,39 @@ def account_learn(row: tally.Row, cfg, records: list[dict], stats: dict) -> None
     assert row.accounted == row.events_in and row.lost == row.duplicates == 0, row
 
 
+def write_config(cfg, tmp_path: Path) -> Path:
+    """Create cfg's topics and write it where the flow processes read it."""
+    create_topics(cfg)
+    path = tmp_path / "ctrstream.toml"
+    path.write_text(cfg.to_toml())
+    return path
+
+
+def start_producer(cfg, tmp_path: Path, seed: int, n: int) -> threading.Thread:
+    """The generator sending n impressions (faults on) at 3,000 messages/s, in a thread."""
+    spec = StreamSpec(seed=seed, impressions=n, faults=Faults.preset(n, 0.03))
+    producer = threading.Thread(target=produce, args=(cfg, spec),
+                                kwargs={"truth_dir": tmp_path / "truth", "rate": 3000})
+    producer.start()
+    return producer
+
+
+def check_join(row: tally.Row, cfg, tmp_path: Path) -> tuple[int, list]:
+    """Account the join's run into ``row`` and check labels and counts against the truth;
+    returns the number of impressions and the records in `examples`."""
+    examples = read_topics(cfg, [cfg.kafka.examples_topic])
+    truth = read_truth(tmp_path / "truth")
+    account_join(row, cfg, tmp_path / "truth", examples, truth)
+    check_against_truth(cfg, examples, truth)
+    check_counts_against_recount(cfg, examples, truth)
+    return len(truth), [orjson.loads(m.value()) for m in examples]
+
+
+def learned(cfg) -> int:
+    path = stats_path(cfg)
+    return orjson.loads(path.read_bytes())["counts"]["learned"] if path.exists() else 0
+
+
 def emitted(cfg) -> int:
     return sum(orjson.loads(f.read_bytes()).get("impressions_emitted", 0)
                for f in (Path(cfg.data_dir) / "join").glob("stats-p*.json"))
@@ -173,13 +207,8 @@ def emitted(cfg) -> int:
 def test_join_flow_rides_out_redis_and_broker_outages(stack, tmp_path):
     row = tally.row("join: Redis and broker paused, Redis stopped, back empty")
     cfg = join_config(stack.config(Config()), tmp_path)
-    create_topics(cfg)
-    cfg_path = tmp_path / "ctrstream.toml"
-    cfg_path.write_text(cfg.to_toml())
-    spec = StreamSpec(seed=21, impressions=30_000, faults=Faults.preset(30_000, 0.03))
-    producer = threading.Thread(target=produce, args=(cfg, spec),
-                                kwargs={"truth_dir": tmp_path / "truth", "rate": 3000})
-    producer.start()
+    cfg_path = write_config(cfg, tmp_path)
+    producer = start_producer(cfg, tmp_path, 21, 30_000)
     with tally.PeakRss(str(cfg_path)) as mem:
         proc = flow_process(cfg_path, "join")
         client = redis.Redis.from_url(cfg.redis.url)
@@ -202,13 +231,9 @@ def test_join_flow_rides_out_redis_and_broker_outages(stack, tmp_path):
         producer.join()
         finish(cfg_path, "join", proc)
     row.peak_rss_mb = mem.mb
-    examples = read_topics(cfg, [cfg.kafka.examples_topic])
-    truth = read_truth(tmp_path / "truth")
-    account_join(row, cfg, tmp_path / "truth", examples, truth)
-    check_against_truth(cfg, examples, truth)
-    check_counts_against_recount(cfg, examples, truth)
+    impressions, _ = check_join(row, cfg, tmp_path)
     print(f"chaos: join flow survived a {OUTAGE_S:.0f} s Redis pause, a {OUTAGE_S:.0f} s broker "
-          f"pause and Redis stopped for {OUTAGE_S:.0f} s, back empty; {len(truth):,} "
+          f"pause and Redis stopped for {OUTAGE_S:.0f} s, back empty; {impressions:,} "
           "impressions, labels and Redis counts as in the ground truth")
 
 
@@ -244,14 +269,9 @@ def test_learn_flow_rides_out_redis_outage_and_empty_restart(stack, tmp_path):
 def test_join_flow_killed_again_and_again_loses_nothing(stack, tmp_path):
     row = tally.row("join: SIGKILL at random points")
     cfg = join_config(stack.config(Config()), tmp_path)
-    create_topics(cfg)
-    cfg_path = tmp_path / "ctrstream.toml"
-    cfg_path.write_text(cfg.to_toml())
+    cfg_path = write_config(cfg, tmp_path)
     n = 8000 * (KILLS + 1)
-    spec = StreamSpec(seed=23, impressions=n, faults=Faults.preset(n, 0.03))
-    producer = threading.Thread(target=produce, args=(cfg, spec),
-                                kwargs={"truth_dir": tmp_path / "truth", "rate": 3000})
-    producer.start()
+    producer = start_producer(cfg, tmp_path, 23, n)
     rng = random.Random(KILLS)
     with tally.PeakRss(str(cfg_path)) as mem:
         for _ in range(KILLS):
@@ -265,12 +285,8 @@ def test_join_flow_killed_again_and_again_loses_nothing(stack, tmp_path):
         finish(cfg_path, "join", flow_process(cfg_path, "join"))
         row.kills += 1
     row.peak_rss_mb = mem.mb
-    examples = read_topics(cfg, [cfg.kafka.examples_topic])
-    truth = read_truth(tmp_path / "truth")
-    account_join(row, cfg, tmp_path / "truth", examples, truth)
-    check_against_truth(cfg, examples, truth)
-    check_counts_against_recount(cfg, examples, truth)
-    print(f"chaos: join flow killed {KILLS + 1} times at random points; {len(truth):,} "
+    impressions, _ = check_join(row, cfg, tmp_path)
+    print(f"chaos: join flow killed {KILLS + 1} times at random points; {impressions:,} "
           "impressions, every label and count as in the ground truth")
 
 
@@ -282,17 +298,13 @@ def test_learn_flow_killed_again_and_again_learns_each_example_once(stack, tmp_p
     cfg_path = tmp_path / "ctrstream.toml"
     cfg_path.write_text(cfg.to_toml())
 
-    def learned() -> int:
-        path = stats_path(cfg)
-        return orjson.loads(path.read_bytes())["counts"]["learned"] if path.exists() else 0
-
     rng = random.Random(KILLS)
     step = 30_000 // (KILLS + 1)
     with tally.PeakRss(str(cfg_path)) as mem:
         for i in range(KILLS):
             proc = flow_process(cfg_path, "learn")
             target = (i + 1) * step + rng.randint(0, step // 2)
-            wait_for("progress before a kill", lambda t=target: learned() >= t, proc)
+            wait_for("progress before a kill", lambda t=target: learned(cfg) >= t, proc)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             row.kills += 1
@@ -316,14 +328,9 @@ def test_one_of_two_join_processes_killed_again_and_again_loses_nothing(stack, t
     supervisor stops the other and restarts the set from recovery state each time."""
     row = tally.row("join on 2 processes: one SIGKILLed at random points")
     cfg = join_config(stack.config(Config()), tmp_path)
-    create_topics(cfg)
-    cfg_path = tmp_path / "ctrstream.toml"
-    cfg_path.write_text(cfg.to_toml())
+    cfg_path = write_config(cfg, tmp_path)
     n = 8000 * (KILLS + 1)
-    spec = StreamSpec(seed=25, impressions=n, faults=Faults.preset(n, 0.03))
-    producer = threading.Thread(target=produce, args=(cfg, spec),
-                                kwargs={"truth_dir": tmp_path / "truth", "rate": 3000})
-    producer.start()
+    producer = start_producer(cfg, tmp_path, 25, n)
     rng = random.Random(KILLS)
     with tally.PeakRss(str(cfg_path)) as mem:
         sup = flow_process(cfg_path, "join", "-p", "2", "--restart")
@@ -339,13 +346,9 @@ def test_one_of_two_join_processes_killed_again_and_again_loses_nothing(stack, t
         producer.join()
         finish(cfg_path, "join", sup, "-p", "2")
     row.peak_rss_mb = mem.mb
-    examples = read_topics(cfg, [cfg.kafka.examples_topic])
-    truth = read_truth(tmp_path / "truth")
-    account_join(row, cfg, tmp_path / "truth", examples, truth)
-    check_against_truth(cfg, examples, truth)
-    check_counts_against_recount(cfg, examples, truth)
+    impressions, _ = check_join(row, cfg, tmp_path)
     print(f"chaos: one of 2 join processes killed {KILLS} times, the set restarted each time; "
-          f"{len(truth):,} impressions, every label and count as in the ground truth")
+          f"{impressions:,} impressions, every label and count as in the ground truth")
 
 
 def broker_gone(fwd: Forwarder) -> None:
@@ -393,13 +396,8 @@ def test_flows_reconnect_after_the_broker_goes_away(forwarded_stack, tmp_path):
     """Join, then learn, each cut off from the broker mid-stream; both resume on their own."""
     stack, fwd = forwarded_stack
     cfg = learn_config(join_config(stack.config(Config()), tmp_path), tmp_path)
-    create_topics(cfg)
-    cfg_path = tmp_path / "ctrstream.toml"
-    cfg_path.write_text(cfg.to_toml())
-    spec = StreamSpec(seed=26, impressions=30_000, faults=Faults.preset(30_000, 0.03))
-    producer = threading.Thread(target=produce, args=(cfg, spec),
-                                kwargs={"truth_dir": tmp_path / "truth", "rate": 3000})
-    producer.start()
+    cfg_path = write_config(cfg, tmp_path)
+    producer = start_producer(cfg, tmp_path, 26, 30_000)
 
     row = tally.row("join: broker unreachable (reset, refused)")
     with tally.PeakRss(str(cfg_path)) as mem:
@@ -412,30 +410,21 @@ def test_flows_reconnect_after_the_broker_goes_away(forwarded_stack, tmp_path):
         producer.join()
         finish(cfg_path, "join", proc)
     row.peak_rss_mb = mem.mb
-    examples = read_topics(cfg, [cfg.kafka.examples_topic])
-    truth = read_truth(tmp_path / "truth")
-    account_join(row, cfg, tmp_path / "truth", examples, truth)
-    check_against_truth(cfg, examples, truth)
-    check_counts_against_recount(cfg, examples, truth)
+    impressions, records = check_join(row, cfg, tmp_path)
 
-    records = [orjson.loads(m.value()) for m in examples]
     row = tally.row("learn: broker unreachable (reset, refused)")
-
-    def learned() -> int:
-        path = stats_path(cfg)
-        return orjson.loads(path.read_bytes())["counts"]["learned"] if path.exists() else 0
 
     with tally.PeakRss(str(cfg_path)) as mem:
         proc = flow_process(cfg_path, "learn")
-        wait_for("progress", lambda: learned() > 2000, proc)
+        wait_for("progress", lambda: learned(cfg) > 2000, proc)
         broker_gone(fwd)
-        before = learned()
-        wait_for("progress after the outage", lambda: learned() > before, proc)
+        before = learned(cfg)
+        wait_for("progress after the outage", lambda: learned(cfg) > before, proc)
         row.outages = 1
         finish(cfg_path, "learn", proc)
     row.peak_rss_mb = mem.mb
     stats = check_learned_once(cfg, records)
     account_learn(row, cfg, records, stats)
     print(f"chaos: join and learn flows each lost the broker for {OUTAGE_S:.0f} s mid-stream "
-          f"and resumed on their own; {len(truth):,} impressions, labels, counts and "
+          f"and resumed on their own; {impressions:,} impressions, labels, counts and "
           f"{stats['counts']['learned']:,} examples learned once")

@@ -159,11 +159,29 @@ def check_counts_against_recount(cfg, examples: list, truth) -> None:
 
 
 def flow_process(cfg_path: Path, flow: str, *extra: str) -> subprocess.Popen:
-    """`ctrstream run FLOW` in its own process group (so a test can SIGKILL all of it)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "--config", str(cfg_path), "run", flow,
-         "--snapshot-interval", "0.3", *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    """`ctrstream run FLOW` in its own process group (so a test can SIGKILL all of it). Its
+    log goes to a file (``flow_log``): a pipe nobody reads fills up during a long outage,
+    and then the flow blocks on its next log line."""
+    log_path = cfg_path.with_name(f"{flow}-{time.time_ns()}.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "--config", str(cfg_path), "run", flow,
+             "--snapshot-interval", "0.3", *extra],
+            stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    proc.log_path = log_path
+    return proc
+
+
+def flow_log(proc: subprocess.Popen) -> str:
+    return proc.log_path.read_text(errors="replace")
+
+
+def run_to_end(proc: subprocess.Popen, timeout_s: float) -> str:
+    """Wait for a flow started with ``--until-eof``; its log, once it has exited with 0."""
+    proc.wait(timeout_s)
+    log = flow_log(proc)
+    assert proc.returncode == 0, log[-3000:]
+    return log
 
 
 def test_sigkill_mid_stream_then_resume_loses_nothing(fresh_topics, tmp_path):
@@ -180,7 +198,7 @@ def test_sigkill_mid_stream_then_resume_loses_nothing(fresh_topics, tmp_path):
     deadline = time.monotonic() + 60
     while not any(orjson.loads(f.read_bytes()).get("impressions_emitted", 0) > 1000
                   for f in stats_dir.glob("stats-p*.json")):
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert proc.poll() is None, flow_log(proc)[-2000:]
         assert time.monotonic() < deadline, "flow made no progress"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -188,9 +206,7 @@ def test_sigkill_mid_stream_then_resume_loses_nothing(fresh_topics, tmp_path):
     producer.join()
 
     proc = flow_process(cfg_path, "join", "--until-eof")
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err.decode()[-3000:]
-    assert b"resumed from snapshot" in err
+    assert "resumed from snapshot" in run_to_end(proc, 120)
 
     examples = read_topics(cfg, [cfg.kafka.examples_topic])
     truth = read_truth(tmp_path / "truth")

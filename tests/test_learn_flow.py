@@ -24,7 +24,7 @@ from learners.archive import ExampleArchive
 from learners.model import Models, usable
 from learners.publish import from_config as model_store
 from learners.scorer import Scorer
-from tests.test_join_flow import flow_process
+from tests.test_join_flow import flow_log, flow_process, run_to_end
 
 pytestmark = pytest.mark.integration
 
@@ -126,7 +126,7 @@ def test_sigkill_mid_stream_then_resume_learns_each_example_once(joined, tmp_pat
     deadline = time.monotonic() + 60
     while not (stats_path(cfg).exists() and orjson.loads(
             stats_path(cfg).read_bytes())["counts"]["learned"] > 2000):
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert proc.poll() is None, flow_log(proc)[-2000:]
         assert time.monotonic() < deadline, "the learn flow made no progress"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -134,8 +134,7 @@ def test_sigkill_mid_stream_then_resume_learns_each_example_once(joined, tmp_pat
     killed_at = orjson.loads(stats_path(cfg).read_bytes())["counts"]["learned"]
     assert killed_at < expected_counts(records)["learned"]  # the kill landed mid-stream
     proc = flow_process(cfg_path, "learn", "--until-eof")
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err.decode()[-3000:]
+    run_to_end(proc, 120)
     stats = check_learned_once(cfg, records)
     store = model_store(cfg, name=cfg.learn.store_name)
     assert store.get_meta(store.current())["examples"] == stats["counts"]["learned"]
