@@ -32,7 +32,7 @@ test-all: install chromium
 	$(BIN)/python -m pytest -q --doctest-modules joiner features learners tests
 
 # The reliability suite with 30 s outages, 10 kills a flow and 10 min of load near capacity
-# (make test runs it with 3 s, 2 kills and 20 s); it ends with a table of what it counted.
+# (make test: 3 s and 2 kills, no load test); it ends with a table of what it counted.
 chaos: install
 	CHAOS_OUTAGE_S=30 CHAOS_KILLS=10 SOAK_S=600 $(BIN)/python -m pytest -q -s \
 	  tests/test_chaos.py tests/test_bad_input.py tests/test_security.py tests/test_soak.py

@@ -240,10 +240,8 @@ def test_join_flow_rides_out_redis_and_broker_outages(stack, tmp_path):
 def test_learn_flow_rides_out_redis_outage_and_empty_restart(stack, tmp_path):
     row = tally.row("learn: Redis paused, Redis stopped, back empty")
     cfg = learn_config(stack.config(Config()), tmp_path)
-    create_topics(cfg)
+    cfg_path = write_config(cfg, tmp_path)
     records = join_examples(cfg, tmp_path, seed=22)
-    cfg_path = tmp_path / "ctrstream.toml"
-    cfg_path.write_text(cfg.to_toml())
 
     with tally.PeakRss(str(cfg_path)) as mem:
         proc = flow_process(cfg_path, "learn")
@@ -293,10 +291,8 @@ def test_join_flow_killed_again_and_again_loses_nothing(stack, tmp_path):
 def test_learn_flow_killed_again_and_again_learns_each_example_once(stack, tmp_path):
     row = tally.row("learn: SIGKILL at random points")
     cfg = learn_config(stack.config(Config()), tmp_path)
-    create_topics(cfg)
+    cfg_path = write_config(cfg, tmp_path)
     records = join_examples(cfg, tmp_path, seed=24)
-    cfg_path = tmp_path / "ctrstream.toml"
-    cfg_path.write_text(cfg.to_toml())
 
     rng = random.Random(KILLS)
     step = 30_000 // (KILLS + 1)
