@@ -380,10 +380,13 @@ def test_producer_reports_what_the_gone_broker_did_not_take(forwarded_stack, tmp
     fwd.start()
     delivery = orjson.loads((tmp_path / MANIFEST_FILE).read_bytes())["delivery"]
     in_topics = len(read_topics(cfg, [cfg.kafka.impressions_topic, cfg.kafka.clicks_topic]))
+    # A message reported failed may still have been stored (its ack lost with the connection):
+    # "failed" means "not known to be delivered", so the topics hold at least the rest.
+    acked = delivery["sent"] - delivery["failed"] - delivery["undelivered"]
     row.events_in = delivery["sent"]
-    row.accounted = in_topics + delivery["failed"] + delivery["undelivered"]
-    row.lost = row.events_in - row.accounted
-    assert delivery["failed"] > 0 and row.lost == 0, delivery
+    row.lost = max(acked - in_topics, 0)
+    row.accounted = row.events_in - row.lost
+    assert delivery["failed"] > 0 and acked <= in_topics <= delivery["sent"], delivery
     print(f"chaos: a producer cut off from the broker reported {delivery['failed']:,} failed "
           f"deliveries of {delivery['sent']:,}; the other {in_topics:,} are in the topics")
 
