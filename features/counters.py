@@ -49,6 +49,7 @@ entities and by ``exact_events`` for the (many) quiet ones.
 
 from __future__ import annotations
 
+import struct
 from array import array
 from bisect import bisect_left, insort
 from heapq import heapify, heappop, heappush
@@ -58,7 +59,10 @@ from features.spec import FeatureSpec
 # Slots of an entity's record (a list, the cheapest mutable container to index). DUE is the
 # newest-event time from which _maintain may have work: the per-event check is one compare.
 COVER, NEWEST, IMPS, CLKS, TILES, DUE = range(6)
-STATE_VERSION = 1
+STATE_VERSION = 2
+# An entity in a state(): cover, newest, due, the byte length of its id, its numbers of recent
+# impressions and clicks, and whether tiles follow; then the id and the three arrays' bytes.
+_RECORD = struct.Struct("<qqqIIIB")
 
 
 class EntityCounters:
@@ -102,6 +106,10 @@ class EntityCounters:
         self._zero = dict.fromkeys(names, 0)
         self._entities: dict[str, dict[str, list]] = {name: {} for name in spec.entities}
         self._touched: set[tuple[str, str]] = set()
+        # state() encodes only the entities changed since its last call: their records, and
+        # the (entity, id) changed or forgotten since (beside those still in _touched).
+        self._records: dict[str, dict[str, bytes]] = {name: {} for name in spec.entities}
+        self._dirty: set[tuple[str, str]] = set()
         # When quiet entities' values next go down (see `stale`): a heap of (ts, entity, id)
         # holding each entity at most once.
         # An event at t leaves a window of length w as of t + w + 1 (windows are [ts - w, ts)).
@@ -164,6 +172,7 @@ class EntityCounters:
     def touched(self) -> set[tuple[str, str]]:
         """(entity, id) counted since the last call; never truncated."""
         out, self._touched = self._touched, set()
+        self._dirty |= out
         new = out - self._scheduled
         if new:
             heap, entities, first = self._schedule, self._entities, self._leaves[0]
@@ -192,6 +201,8 @@ class EntityCounters:
                 continue
             if last is None or last + forget <= now_ts:
                 ents.pop(eid, None)
+                self._touched.discard((name, eid))
+                self._dirty.add((name, eid))
                 self._scheduled.discard((name, eid))
                 continue
             out.append((name, eid))
@@ -209,28 +220,49 @@ class EntityCounters:
     # -- recovery ---------------------------------------------------------------------------
 
     def state(self) -> dict:
-        """A picklable copy: numbers as the arrays' raw bytes, no object per event or tile."""
-        ents = {name: {eid: (e[COVER], e[NEWEST], e[IMPS].tobytes(), e[CLKS].tobytes(),
-                             None if e[TILES] is None else e[TILES].tobytes(), e[DUE])
-                       for eid, e in entities.items()}
-                for name, entities in self._entities.items()}
+        """A picklable copy: per entity kind one bytes object of records (see _RECORD), no
+        object per entity, event or tile. It is taken at every epoch's end, so only the
+        entities changed since the last call are encoded again; the rest are cached."""
+        records, entities = self._records, self._entities
+        for name, eid in self._dirty.union(self._touched):
+            e = entities[name].get(eid)
+            if e is None:
+                records[name].pop(eid, None)
+            else:
+                records[name][eid] = _encode(eid, e)
+        self._dirty = set()
         return {"version": STATE_VERSION, "layout": self._layout(), "late": self.late,
                 "late_dropped": self.late_dropped, "touched": list(self._touched),
-                "entities": ents}
+                "entities": {name: b"".join(recs.values()) for name, recs in records.items()}}
 
     def restore(self, state: dict) -> None:
         """Replace this object's counts with a ``state()``; the spec and lateness must match."""
         if state.get("version") != STATE_VERSION or state["layout"] != self._layout():
             raise ValueError("counter state from a different spec, lateness or version")
-
-        def rec(cover, newest, imps, clks, tiles, due):
-            return [cover, newest, _frombytes("q", imps), _frombytes("q", clks),
-                    None if tiles is None else _frombytes("q", tiles), due]
-
         self._entities = {name: {} for name in self.spec.entities}
-        for name, ents in state["entities"].items():
-            self._entities[name] = {eid: rec(*r) for eid, r in ents.items()}
+        self._records = {name: {} for name in self.spec.entities}
+        tiles_size = 16 * self._ntiles
+        for name, blob in state["entities"].items():
+            ents, records, pos = self._entities[name], self._records[name], 0
+            while pos < len(blob):
+                start = pos
+                cover, newest, due, n_id, n_imps, n_clks, has_tiles = _RECORD.unpack_from(
+                    blob, pos)
+                pos += _RECORD.size
+                eid = blob[pos:pos + n_id].decode("utf-8", "surrogatepass")
+                pos += n_id
+                imps = _frombytes("q", blob[pos:pos + 8 * n_imps])
+                pos += 8 * n_imps
+                clks = _frombytes("q", blob[pos:pos + 8 * n_clks])
+                pos += 8 * n_clks
+                tiles = None
+                if has_tiles:
+                    tiles = _frombytes("q", blob[pos:pos + tiles_size])
+                    pos += tiles_size
+                ents[eid] = [cover, newest, imps, clks, tiles, due]
+                records[eid] = blob[start:pos]
         self._touched = set(state["touched"])
+        self._dirty = set()
         # Every entity is due a look one shortest window after its newest event.
         first = self._leaves[0]
         self._schedule = [(e[NEWEST] + first, name, eid)
@@ -389,6 +421,14 @@ def _oldest(imps: array, clks: array, default: int) -> int:
     if imps:
         return imps[0] if not clks or imps[0] <= clks[0] else clks[0]
     return clks[0] if clks else default
+
+
+def _encode(eid: str, e: list) -> bytes:
+    cover, newest, imps, clks, tiles, due = e
+    key = eid.encode("utf-8", "surrogatepass")
+    head = _RECORD.pack(cover, newest, due, len(key), len(imps), len(clks), tiles is not None)
+    return b"".join((head, key, imps.tobytes(), clks.tobytes(),
+                     b"" if tiles is None else tiles.tobytes()))
 
 
 def _frombytes(code: str, raw: bytes) -> array:

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from features.counters import EntityCounters
+from features.counters import TILES, EntityCounters
 from features.derived import BetaPrior, derived_features, log_bucket
 from features.spec import FeatureSpec, window_label
 from flows.config import load_config
@@ -264,9 +264,30 @@ def test_state_round_trip():
             assert a.seen(im) == b.seen(im)
         else:
             a.clicked(im, ts), b.clicked(im, ts)
-    assert a.state() == b.state()
+    assert a._entities == b._entities
     with pytest.raises(ValueError):
         EntityCounters(spec, allowed_lateness_ms=1).restore(a.state())
+
+
+def test_state_encodes_changes_since_the_last_one():
+    # state() re-encodes only what changed since its previous call (counted, moved into
+    # tiles, forgotten): every state along the way must restore to the counters as they were.
+    spec = FeatureSpec()
+    arrivals = _stream(5, 6000, 20_000, lateness=MIN)
+    a, forgotten = EntityCounters(spec, exact_events=16), 0
+    for i, (kind, im, ts) in enumerate(arrivals):
+        a.seen(im) if kind == 0 else a.clicked(im, ts)
+        if i % 700 == 0:
+            a.touched()
+        if i % 900 == 0:
+            n = len(a)
+            a.stale(ts + (25 * HOUR if i == 2700 else 2 * HOUR))  # 25 h: forgets them all
+            forgotten += n - len(a)
+            b = EntityCounters(spec, exact_events=16)
+            b.restore(pickle.loads(pickle.dumps(a.state())))
+            assert b._entities == a._entities and b._touched == a._touched
+    assert forgotten and any(e[TILES] is not None for ents in a._entities.values()
+                             for e in ents.values())
 
 
 def test_restored_counters_look_at_every_entity_again():
