@@ -12,12 +12,10 @@ import argparse
 import importlib
 import logging
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from contextlib import closing
 from datetime import timedelta
 from pathlib import Path
 
@@ -30,37 +28,20 @@ from flows.config import Config
 log = logging.getLogger(__name__)
 
 FLOWS = {"join": "flows.join", "learn": "flows.learn"}
-COMPACT_EVERY_S = 30.0
-
-# bytewax 0.21's garbage collection keeps every state key's newest snapshot, also when that is
-# the key's deletion: a step keyed by impression id (the join's attach_counts) leaves one row
-# per impression for ever, and the GC query, which scans them all at every epoch, slows the
-# flow down without bound (measured: 418,602 such rows after 400k impressions, sqlite then
-# most of the flow's time). A deletion older than the partition's committed epoch with no
-# older row of its key is safe to drop: every resume loads the key as absent either way.
-_COMPACT = """DELETE FROM snaps WHERE ser_change IS NULL
-    AND snap_epoch < (SELECT MIN(commit_epoch) FROM commits)
-    AND NOT EXISTS (SELECT 1 FROM snaps AS o WHERE o.step_id = snaps.step_id
-                    AND o.state_key = snaps.state_key AND o.snap_epoch < snaps.snap_epoch)"""
-
-
-def compact_recovery(path: Path) -> int:
-    """Drop the deleted-state rows bytewax's GC keeps (see _COMPACT); returns how many."""
-    n = 0
-    for db in sorted(Path(path).glob("*.sqlite3")):
-        with closing(sqlite3.connect(db, timeout=30)) as conn, conn:
-            n += conn.execute(_COMPACT).rowcount
-    return n
+COMPACT_EVERY_EPOCHS = 6  # the recovery store is compacted this often (flows.compact)
 
 
 def _compact_forever(path: Path, every_s: float) -> None:
+    """Runs flows.compact on ``path`` every ``every_s``. In a child process: this process's
+    bytewax has its own copy of SQLite, and two copies in one process break each other's
+    file locks (a test run here corrupted the store that way)."""
     while True:
         time.sleep(every_s)
-        try:
-            n = compact_recovery(path)
-            log.debug("recovery store %s: dropped %d deleted-state rows", path, n)
-        except sqlite3.Error as e:  # busy or damaged: the flow runs on, the rows wait
-            log.warning("could not compact the recovery store %s: %s", path, e)
+        done = subprocess.run([sys.executable, "-m", "flows.compact", str(path)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            log.warning("could not compact the recovery store %s: %s", path,
+                        done.stderr.strip().splitlines()[-1:])
 
 
 def recovery_config(cfg: Config, flow: str, partitions: int) -> RecoveryConfig:
@@ -80,7 +61,8 @@ def run_flow(cfg: Config, name: str, *, until_eof: bool = False,
     n_proc = len(addresses) if addresses else 1
     if recovery:
         threading.Thread(target=_compact_forever, name="compact-recovery", daemon=True,
-                         args=(Path(cfg.recovery_dir) / name, COMPACT_EVERY_S)).start()
+                         args=(Path(cfg.recovery_dir) / name,
+                               COMPACT_EVERY_EPOCHS * snapshot_interval_s)).start()
     cli_main(flow, workers_per_process=1, process_id=process_id, addresses=addresses,
              epoch_interval=timedelta(seconds=snapshot_interval_s),
              recovery_config=recovery_config(cfg, name, n_proc) if recovery else None)

@@ -1,4 +1,4 @@
-"""Compaction of bytewax's recovery store (flows.run.compact_recovery): bytewax keeps every
+"""Compaction of bytewax's recovery store (flows.compact): bytewax keeps every
 discarded key's deletion row for ever; dropping them must not change what a resume loads."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.recovery import RecoveryConfig
 from bytewax.testing import TestingSink, TestingSource, run_main
 
-from flows.run import compact_recovery
+from flows.compact import compact_recovery
 
 KEYS = 300
 
