@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 import pytest
 
 from flows.cli import main
-from flows.kafka import DeliveryError, read_topics
+from flows.kafka import DeliveryError, KafkaRecordSink, read_topics
 from flows.produce import produce
 from flows.simulator import EventStream, Faults, StreamSpec, read_manifest, read_truth
 
@@ -87,6 +87,19 @@ def test_delivery_failures_are_raised_not_dropped(fresh_topics, tmp_path):
                 **{"message.timeout.ms": 1, "linger.ms": 0})
     manifest = read_manifest(tmp_path)
     assert manifest["delivery"]["failed"] > 0
+
+
+def test_flow_record_sink_delivers_and_raises_on_failed_deliveries(fresh_topics):
+    topic = fresh_topics.kafka.examples_topic
+    records = [(topic, str(i), b"x" * 100) for i in range(50_000)]
+    sink = KafkaRecordSink(fresh_topics).build("out", 0, 1)
+    sink.write_batch(records[:1000])
+    assert len(read_topics(fresh_topics, [topic])) == 1000
+    # Records that expire in the local queue before the broker could take them.
+    doomed = KafkaRecordSink(fresh_topics.replace(
+        kafka={"client": {"message.timeout.ms": 6}})).build("out", 0, 1)
+    with pytest.raises(DeliveryError, match="not delivered"):
+        doomed.write_batch(records)
 
 
 def test_speed_paces_event_time_but_not_the_click_tail(fresh_topics, tmp_path):
