@@ -38,11 +38,13 @@ from tests.test_join_flow import join_config, join_stats
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SOAK_S = float(os.environ.get("SOAK_S", "20"))
-# The rate the flow keeps up with for minutes is well below its read rate under overload
-# (a backlog is read in full batches): on 2 cores with the generator and broker beside it,
-# 2,700 msg/s fell behind after an overload read at 3,900. Redis row writes of the count
-# features are the largest part of the flow's time at a steady rate (py-spy: 32 %).
-SOAK_RATIO = 0.4
+# The rate the flow keeps up with for minutes is well below its read rate under overload (a
+# backlog is read in full batches, the Redis writer coalesces more rows per flush, and the
+# per-epoch state snapshot is a smaller share). On this 2-core machine, with the generator and
+# the broker beside it, the overload read rate measured 3,350-4,900 msg/s and the flow kept
+# up with about 1,700 msg/s (1,340 passed for 120 s; 1,684 fell behind slowly): 0.35 of the
+# overload rate is 1,170-1,715 msg/s, near that.
+SOAK_RATIO = 0.35
 # The flow pauses at each epoch's end (state snapshot, Redis flush), so its lag swings by a
 # few seconds of input: the signal looks at a window longer than that.
 WARN_LAG = 20_000
