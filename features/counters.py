@@ -241,26 +241,10 @@ class EntityCounters:
             raise ValueError("counter state from a different spec, lateness or version")
         self._entities = {name: {} for name in self.spec.entities}
         self._records = {name: {} for name in self.spec.entities}
-        tiles_size = 16 * self._ntiles
         for name, blob in state["entities"].items():
-            ents, records, pos = self._entities[name], self._records[name], 0
-            while pos < len(blob):
-                start = pos
-                cover, newest, due, n_id, n_imps, n_clks, has_tiles = _RECORD.unpack_from(
-                    blob, pos)
-                pos += _RECORD.size
-                eid = blob[pos:pos + n_id].decode("utf-8", "surrogatepass")
-                pos += n_id
-                imps = _frombytes("q", blob[pos:pos + 8 * n_imps])
-                pos += 8 * n_imps
-                clks = _frombytes("q", blob[pos:pos + 8 * n_clks])
-                pos += 8 * n_clks
-                tiles = None
-                if has_tiles:
-                    tiles = _frombytes("q", blob[pos:pos + tiles_size])
-                    pos += tiles_size
-                ents[eid] = [cover, newest, imps, clks, tiles, due]
-                records[eid] = blob[start:pos]
+            ents, records = self._entities[name], self._records[name]
+            for eid, e, record in _decode(blob, 16 * self._ntiles):
+                ents[eid], records[eid] = e, record
         self._touched = set(state["touched"])
         self._dirty = set()
         # Every entity is due a look one shortest window after its newest event.
@@ -429,6 +413,23 @@ def _encode(eid: str, e: list) -> bytes:
     head = _RECORD.pack(cover, newest, due, len(key), len(imps), len(clks), tiles is not None)
     return b"".join((head, key, imps.tobytes(), clks.tobytes(),
                      b"" if tiles is None else tiles.tobytes()))
+
+
+def _decode(blob: bytes, tiles_size: int):
+    """(id, entity, its record) for each record of a state() blob."""
+    pos = 0
+    while pos < len(blob):
+        cover, newest, due, n_id, n_imps, n_clks, has_tiles = _RECORD.unpack_from(blob, pos)
+        a = pos + _RECORD.size
+        b = a + n_id
+        c = b + 8 * n_imps
+        d = c + 8 * n_clks
+        end = d + tiles_size * has_tiles
+        tiles = _frombytes("q", blob[d:end]) if has_tiles else None
+        yield (blob[a:b].decode("utf-8", "surrogatepass"),
+               [cover, newest, _frombytes("q", blob[b:c]), _frombytes("q", blob[c:d]), tiles, due],
+               blob[pos:end])
+        pos = end
 
 
 def _frombytes(code: str, raw: bytes) -> array:
