@@ -145,8 +145,12 @@ class EntityCounters:
         """Each entity's values as of ``imp.ts``: the events before it, whatever has been
         counted since (exact while ``imp.ts`` is within the allowed lateness of the entity's
         newest event). ``ids``: its entities, as `count` returned them."""
-        ts, out, entities, query = imp.ts, {}, self._entities, self._query
-        for name, eid in ids if ids is not None else self.spec.entity_ids(imp):
+        return self.snapshot_at(imp.ts, self.spec.entity_ids(imp) if ids is None else ids)
+
+    def snapshot_at(self, ts: int, ids) -> dict[str, dict[str, int]]:
+        """`snapshot` of an impression at ``ts`` whose entities are ``ids`` ((entity, id))."""
+        out, entities, query = {}, self._entities, self._query
+        for name, eid in ids:
             e = entities[name].get(eid)
             out[name] = self._zero.copy() if e is None else query(e, ts)
         return out
