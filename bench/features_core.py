@@ -5,7 +5,11 @@ method (a deque of timestamps per entity, kind and window) from the same run, in
     its count of a click), for the 5 default entities and for one (user);
 [2] error of each window against the exact recount: the peer, which is exact here because the
     stream arrives in event-time order (checked);
-[3] bytes of state per entity (tracemalloc, after the run) and of a pickled state() snapshot.
+[3] bytes of state per entity (tracemalloc, after the run) and of a pickled state() snapshot;
+[4] the counters step's work at each epoch's end: state() + pickle with the entities changed by
+    the last 10,000 events re-encoded, beside encoding every entity (a first call); and its
+    heap of waiting point-in-time snapshots (one per impression of the last pit_delay_ms: 180k
+    at a real-time 2,000/s) as JSON of ids, beside a pickle holding the impressions.
 
     python bench/features_core.py [--impressions 200000]
 """
@@ -22,6 +26,7 @@ from collections import deque
 from pathlib import Path
 
 import numpy as np
+import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -226,6 +231,38 @@ def main(argv: list[str] | None = None) -> None:
                 for n, ents in counters._entities.items())
         print(f"    {name:<11} {used / len(counters):7.0f} B/entity in memory, "
               f"{snap / len(counters):5.0f} B/entity pickled ({len(counters):,} entities){extra}")
+
+    print("[4] at an epoch's end (the counters step's snapshot), 5 entities")
+    epoch_end(spec, ops, min(180_000, n_imp))
+
+
+def epoch_end(spec: FeatureSpec, ops: list, waiting: int) -> None:
+    c = EntityCounters(spec)
+    for op in ops[:-10_000]:
+        c.seen(op[1]) if op[0] == 0 else c.clicked(op[1], op[2])
+    c.touched()
+    t0 = time.perf_counter()
+    full = len(pickle.dumps(c.state(), 5))
+    t1 = time.perf_counter()
+    for op in ops[-10_000:]:
+        c.seen(op[1]) if op[0] == 0 else c.clicked(op[1], op[2])
+    c.touched()
+    t2 = time.perf_counter()
+    size = len(pickle.dumps(c.state(), 5))
+    t3 = time.perf_counter()
+    print(f"    counters, {len(c):,} entities: {(t3 - t2) * 1000:,.0f} ms after 10,000 events "
+          f"({size / 1e6:.1f} MB) | every entity encoded {(t1 - t0) * 1000:,.0f} ms "
+          f"({full / 1e6:.1f} MB)")
+    imps = [op[1] for op in ops if op[0] == 0][:waiting]
+    t0 = time.perf_counter()
+    ours = orjson.dumps([(m.ts, i, m.impression_id, spec.entity_ids(m))
+                         for i, m in enumerate(imps)])
+    t1 = time.perf_counter()
+    peer = pickle.dumps([(m.ts, i, m, spec.entity_ids(m)) for i, m in enumerate(imps)], 5)
+    t2 = time.perf_counter()
+    print(f"    {len(imps):,} waiting snapshots: JSON of ids {(t1 - t0) * 1000:,.0f} ms "
+          f"({len(ours) / 1e6:.1f} MB) | pickle of impressions {(t2 - t1) * 1000:,.0f} ms "
+          f"({len(peer) / 1e6:.1f} MB)")
 
 
 if __name__ == "__main__":

@@ -103,14 +103,15 @@ def redis_down(stack: LocalStack) -> None:
     stack.redis.start(20)  # no persistence: it comes back empty
 
 
-def wait_for(what: str, condition, proc: subprocess.Popen, timeout_s: float = 90) -> None:
+def wait_for(what: str, condition, proc: subprocess.Popen, timeout_s: float = 90,
+             detail=lambda: "") -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         if proc.poll() is not None:
             pytest.fail(f"flow exited while waiting for {what}: "
                         f"{flow_log(proc)[-3000:]}")
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}; the flow's log ends:\n"
+            pytest.fail(f"timed out waiting for {what} {detail()}; the flow's log ends:\n"
                         f"{flow_log(proc)[-3000:]}")
         time.sleep(0.05)
 

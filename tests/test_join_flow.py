@@ -158,7 +158,8 @@ def check_counts_against_recount(cfg, examples: list, truth) -> None:
                                  row[f"{kind}_{window_label(w)}"], "redis")
 
 
-def flow_process(cfg_path: Path, flow: str, *extra: str) -> subprocess.Popen:
+def flow_process(cfg_path: Path, flow: str, *extra: str,
+                 snapshot_interval_s: float = 0.3) -> subprocess.Popen:
     """`ctrstream run FLOW` in its own process group (so a test can SIGKILL all of it). Its
     log goes to a file (``flow_log``): a pipe nobody reads fills up during a long outage,
     and then the flow blocks on its next log line."""
@@ -166,7 +167,7 @@ def flow_process(cfg_path: Path, flow: str, *extra: str) -> subprocess.Popen:
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "flows.cli", "--config", str(cfg_path), "run", flow,
-             "--snapshot-interval", "0.3", *extra],
+             "--snapshot-interval", str(snapshot_interval_s), *extra],
             stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     proc.log_path = log_path
     return proc

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,14 +22,15 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
+import redis
 
 from flows.config import Config
 from flows.produce import produce
 from flows.simulator import Faults, StreamSpec
 from flows.stack import create_topics
 from tests import tally
-from tests.test_chaos import stack  # noqa: F401  (a private stack per test)
-from tests.test_join_flow import join_config, join_stats
+from tests.test_chaos import stack, wait_for  # noqa: F401  (stack: a private one per test)
+from tests.test_join_flow import flow_log, flow_process, join_config, join_stats
 
 # Minutes of load on a shared 2-core machine: in `make chaos`, not in `make test` (whose
 # 20 s run could not show a slow lag growth anyway, and whose timing it would make flaky).
@@ -77,10 +76,11 @@ def messages_read(cfg) -> int:
 
 class Sampler:
     """Every second: elapsed s, flow RSS MB, total consumer lag, HashQueue pending, behind,
-    messages read."""
+    messages read, Redis keys (one per counted entity, the counters' size)."""
 
     def __init__(self, cfg, pid: int) -> None:
         self.cfg, self.pid, self.rows = cfg, pid, []
+        self.redis = redis.Redis.from_url(cfg.redis.url)
         self.t0 = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -92,29 +92,13 @@ class Sampler:
             self.rows.append((time.monotonic() - self.t0, rss_kb(self.pid) / 1024,
                               sum(n for h in tail for n in h["consumer_lag"].values()),
                               sum(h["pending"] for h in tail),
-                              any(h["input_behind"] for h in tail), messages_read(self.cfg)))
+                              any(h["input_behind"] for h in tail), messages_read(self.cfg),
+                              self.redis.dbsize()))
 
     def stop(self) -> np.ndarray:
         self._stop.set()
         self._thread.join()
         return np.array(self.rows, dtype=np.float64)
-
-
-def start_join(cfg_path: Path, log_path: Path) -> subprocess.Popen:
-    # The log goes to a file: a pipe nobody reads would fill and block the flow.
-    with open(log_path, "wb") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "--config", str(cfg_path), "run", "join"],
-            stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
-
-
-def wait_until(what: str, condition, proc: subprocess.Popen, timeout_s: float,
-               detail=lambda: "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert proc.poll() is None, f"the flow exited while waiting for {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}: {detail()}"
-        time.sleep(0.1)
 
 
 def test_overload_is_signalled_and_load_near_capacity_is_sustained(stack, tmp_path):  # noqa: F811
@@ -125,7 +109,6 @@ def test_overload_is_signalled_and_load_near_capacity_is_sustained(stack, tmp_pa
     create_topics(cfg)
     cfg_path = tmp_path / "ctrstream.toml"
     cfg_path.write_text(cfg.to_toml())
-    log_path = tmp_path / "join.log"
     sent, start_ms = 0, int(time.time() * 1000) - 20 * 86_400_000  # within max_past_ms
 
     def send(seed: int, impressions: int, rate: float | None) -> dict:
@@ -138,7 +121,7 @@ def test_overload_is_signalled_and_load_near_capacity_is_sustained(stack, tmp_pa
         start_ms = m["end_ms"] + 3_600_000
         return m
 
-    proc = start_join(cfg_path, log_path)
+    proc = flow_process(cfg_path, "join", snapshot_interval_s=5.0)
     try:
         # 1. Overload: OVERLOAD_RATE for OVERLOAD_S, several times what the flow reads. The
         # flow's read rate while the generator still sends, with the generator and the broker
@@ -148,14 +131,14 @@ def test_overload_is_signalled_and_load_near_capacity_is_sustained(stack, tmp_pa
         over = threading.Thread(target=send, args=(
             1, int(OVERLOAD_RATE * OVERLOAD_S / MSGS_PER_IMPRESSION), OVERLOAD_RATE))
         over.start()
-        wait_until("the input being read", lambda: messages_read(cfg) > 0, proc, 60)
+        wait_for("the input being read", lambda: messages_read(cfg) > 0, proc, 60)
         t0, n0 = time.monotonic(), messages_read(cfg)
-        wait_until("the behind signal", lambda: any(
+        wait_for("the behind signal", lambda: any(
             h["input_behind"] for h in history_tail(cfg)), proc, 120)
         over.join()
         capacity = (messages_read(cfg) - n0) / (time.monotonic() - t0)
-        wait_until("the overload drained", lambda: messages_read(cfg) >= sent, proc, 300)
-        wait_until("the caught-up signal", lambda: not any(
+        wait_for("the overload drained", lambda: messages_read(cfg) >= sent, proc, 300)
+        wait_for("the caught-up signal", lambda: not any(
             h["input_behind"] for h in history_tail(cfg)), proc, 60)
         overload = sampler.stop()
 
@@ -164,19 +147,20 @@ def test_overload_is_signalled_and_load_near_capacity_is_sustained(stack, tmp_pa
         sampler = Sampler(cfg, proc.pid)
         achieved = send(2, int(rate * SOAK_S / MSGS_PER_IMPRESSION), rate)["messages_per_s"]
         near = sampler.stop()
-        wait_until("the input", lambda: messages_read(cfg) >= sent, proc, 60,
-                   lambda: f"read {messages_read(cfg):,} of {sent:,}, capacity {capacity:,.0f}")
+        wait_for("the input", lambda: messages_read(cfg) >= sent, proc, 60,
+                 lambda: f"read {messages_read(cfg):,} of {sent:,}, capacity {capacity:,.0f}")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    log = log_path.read_text(errors="replace")
+    log = flow_log(proc)
 
     # Near capacity: bounded memory, queue and lag, and no alarm.
-    t, mb, lag, pending, behind, _ = near.T
+    t, mb, lag, pending, behind, _, keys = near.T
     third = len(t) // 3
     print(f"\nsoak: capacity {capacity:,.0f} msg/s; near capacity ({rate:,.0f} msg/s asked, "
           f"{achieved:,.0f} sent) for "
           f"{t[-1]:.0f} s: RSS {mb[third]:,.0f} -> {mb[-1]:,.0f} MB (peak {mb.max():,.0f}), "
+          f"Redis keys {keys[third]:,.0f} -> {keys[-1]:,.0f}, "
           f"lag p50 {np.median(lag):,.0f} max {lag.max():,.0f} messages (last third max "
           f"{lag[-third:].max():,.0f}), HashQueue pending max {pending.max():,.0f}; "
           f"overload: behind after {overload[np.argmax(overload[:, 4] > 0), 0]:.0f} s, lag max "
