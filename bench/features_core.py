@@ -254,11 +254,13 @@ def epoch_end(spec: FeatureSpec, ops: list, waiting: int) -> None:
           f"({size / 1e6:.1f} MB) | every entity encoded {(t1 - t0) * 1000:,.0f} ms "
           f"({full / 1e6:.1f} MB)")
     imps = [op[1] for op in ops if op[0] == 0][:waiting]
+    ids = [spec.entity_ids(m) for m in imps]
+    slim = [(m.ts, i, m.impression_id, ids[i]) for i, m in enumerate(imps)]
+    full = [(m.ts, i, m, ids[i]) for i, m in enumerate(imps)]
     t0 = time.perf_counter()
-    ours = orjson.dumps([(m.ts, i, m.impression_id, spec.entity_ids(m))
-                         for i, m in enumerate(imps)])
+    ours = orjson.dumps(slim)
     t1 = time.perf_counter()
-    peer = pickle.dumps([(m.ts, i, m, spec.entity_ids(m)) for i, m in enumerate(imps)], 5)
+    peer = pickle.dumps(full, 5)
     t2 = time.perf_counter()
     print(f"    {len(imps):,} waiting snapshots: JSON of ids {(t1 - t0) * 1000:,.0f} ms "
           f"({len(ours) / 1e6:.1f} MB) | pickle of impressions {(t2 - t1) * 1000:,.0f} ms "

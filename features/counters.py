@@ -28,9 +28,9 @@ entity has no tiles. Measured (``python bench/features_core.py``, 200k simulator
 5 entities, 12 tiles; 56 % of values come from entities on tiles), mean relative error (p99):
 at 50 impressions/s (1.1 h of event time) imp_5m 0.24 % (2.3 %), imp_1h 0.02 % (0.6 %),
 imp_24h exact (it never slides); at 2/s (27.8 h) imp_5m 0.21 % (2.7 %), imp_1h 0.28 % (2.5 %),
-imp_24h 0.03 % (0.8 %); click counts, being small, ~1-1.5 % (p99: 1 click in 2-5). 450 bytes
-an entity in memory, 90 pickled, against ~4.9 KB and 154-244 for exact per-window deques;
-661 bytes with the refresh schedule of `stale` (a heap entry and a set entry per entity).
+imp_24h 0.03 % (0.8 %); click counts, being small, ~1-1.5 % (p99: 1 click in 2-5). 823 bytes
+an entity in memory (with the refresh schedule of `stale` and the encoded record `state` keeps),
+100 in a state, against ~4.9 KB and 244 for exact per-window deques.
 
 Late events (more than ``allowed_lateness_ms`` behind the entity's newest event) are counted,
 in ``recent`` if still at or after ``cover``, else in their tile, and ``late`` counts them; one
