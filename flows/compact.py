@@ -1,5 +1,5 @@
-"""Compaction of bytewax's recovery store, run by `ctrstream run` in a child process every
-30 s (`python -m flows.compact DIR`).
+"""Compaction of bytewax's recovery store, run by `ctrstream run` in a child process every 6
+epochs, 30 s by default (`python -m flows.compact DIR`).
 
 bytewax 0.21's garbage collection keeps every state key's newest snapshot, also when that is
 the key's deletion: a step keyed by impression id (the join's attach_counts) leaves one row per

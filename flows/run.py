@@ -43,11 +43,12 @@ def _compact_forever(path: Path, every_s: float) -> None:
     file locks (a test run here corrupted the store that way)."""
     while True:
         time.sleep(every_s)
-        done = subprocess.run([sys.executable, "-m", "flows.compact", str(path)],
-                              capture_output=True, text=True)
-        if done.returncode:
+        try:
+            subprocess.run([sys.executable, "-m", "flows.compact", str(path)],
+                           capture_output=True, text=True, check=True)
+        except (OSError, subprocess.CalledProcessError) as e:  # the rows wait for next time
             log.warning("could not compact the recovery store %s: %s", path,
-                        done.stderr.strip().splitlines()[-1:])
+                        (getattr(e, "stderr", None) or str(e)).strip().splitlines()[-1])
 
 
 def recovery_config(cfg: Config, flow: str, partitions: int) -> RecoveryConfig:
