@@ -282,10 +282,9 @@ def features_report(entities: int | None = None, writes: int | None = None) -> N
 
 def learn_report(cfg: Config, counts: dict, summary: dict, version: str | None,
                  offsets: dict[int, int], now: float) -> bool | None:
-    """The learn flow's figures, from its ``_log``; with metrics on, also its consumer lag
-    and whether it is behind (see ``lag_report``). With metrics off the lag is not asked for
-    (a broker call per log interval), so neither is there a behind signal: None."""
-    lag = _learn_lag(cfg, offsets) if cfg.metrics.enabled else {}
+    """The learn flow's figures, from its ``_log``, and its consumer lag (asked of the broker:
+    a call per log interval): whether it is behind (see ``lag_report``), None without a lag."""
+    lag = _learn_lag(cfg, offsets)
     with LATEST.lock:
         LATEST.learn = {"counts": dict(counts), "metrics": summary, "version": version}
     topic = cfg.kafka.examples_topic

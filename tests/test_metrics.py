@@ -281,5 +281,12 @@ def test_caught_up_sets_the_gauge_back_to_0(caplog):
 def test_no_lag_to_watch_is_none(monkeypatch):
     assert metrics.lag_report(_lag_cfg(), "learn", {}, 0.0) is None
     monkeypatch.setattr(metrics.LATEST, "learn", None)  # restored after: a scrape's figures
-    cfg = _lag_cfg().replace(metrics={"enabled": False})  # the learn lag is not even asked
-    assert metrics.learn_report(cfg, {"in": 0}, {}, None, {0: 5}, 0.0) is None
+    monkeypatch.setattr(metrics, "_learn_lag", lambda cfg, offsets: {})  # no broker answer
+    assert metrics.learn_report(_lag_cfg(), {"in": 0}, {}, None, {0: 5}, 0.0) is None
+
+
+def test_learn_lag_is_watched_with_metrics_off(monkeypatch):
+    monkeypatch.setattr(metrics.LATEST, "learn", None)
+    monkeypatch.setattr(metrics, "_learn_lag", lambda cfg, offsets: {0: 7})
+    cfg = _lag_cfg().replace(metrics={"enabled": False})
+    assert metrics.learn_report(cfg, {"in": 0}, {}, None, {0: 5}, 0.0) is False
