@@ -131,6 +131,11 @@ def rate(make, ops, repeat: int) -> tuple[float, int]:
     return float(np.median(rates)), updates
 
 
+def play(counters, ops) -> None:
+    for op in ops:
+        counters.seen(op[1]) if op[0] == 0 else counters.clicked(op[1], op[2])
+
+
 def memory(make, ops) -> tuple[int, object]:
     """Bytes traced for the counters after playing all of ops (and one state()), and the
     counters."""
@@ -138,8 +143,7 @@ def memory(make, ops) -> tuple[int, object]:
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
     counters = make()
-    for op in ops:
-        counters.seen(op[1]) if op[0] == 0 else counters.clicked(op[1], op[2])
+    play(counters, ops)
     counters.touched()  # the pending-writes set is the store's to drain, not state
     if isinstance(counters, EntityCounters):
         counters.state()  # taken every epoch in the flow: its cache of encoded entities stays
@@ -238,14 +242,12 @@ def main(argv: list[str] | None = None) -> None:
 
 def epoch_end(spec: FeatureSpec, ops: list, waiting: int) -> None:
     c = EntityCounters(spec)
-    for op in ops[:-10_000]:
-        c.seen(op[1]) if op[0] == 0 else c.clicked(op[1], op[2])
+    play(c, ops[:-10_000])
     c.touched()
     t0 = time.perf_counter()
     full = len(pickle.dumps(c.state(), 5))
     t1 = time.perf_counter()
-    for op in ops[-10_000:]:
-        c.seen(op[1]) if op[0] == 0 else c.clicked(op[1], op[2])
+    play(c, ops[-10_000:])
     c.touched()
     t2 = time.perf_counter()
     size = len(pickle.dumps(c.state(), 5))

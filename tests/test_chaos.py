@@ -24,7 +24,6 @@ from confluent_kafka import Consumer, TopicPartition
 
 from flows.config import Config
 from flows.kafka import DeliveryError, read_topics
-from flows.learn import stats_path
 from flows.produce import produce
 from flows.simulator import MANIFEST_FILE, Faults, StreamSpec, read_truth
 from flows.stack import LocalStack, create_topics, free_port
@@ -41,7 +40,7 @@ from tests.test_join_flow import (
     join_stats,
     run_to_end,
 )
-from tests.test_learn_flow import check_learned_once, join_examples, learn_config
+from tests.test_learn_flow import check_learned_once, join_examples, learn_config, learned
 
 pytestmark = pytest.mark.integration
 
@@ -193,11 +192,6 @@ def check_join(row: tally.Row, cfg, tmp_path: Path) -> tuple[int, list]:
     check_against_truth(cfg, examples, truth)
     check_counts_against_recount(cfg, examples, truth)
     return len(truth), [orjson.loads(m.value()) for m in examples]
-
-
-def learned(cfg) -> int:
-    path = stats_path(cfg)
-    return orjson.loads(path.read_bytes())["counts"]["learned"] if path.exists() else 0
 
 
 def emitted(cfg) -> int:

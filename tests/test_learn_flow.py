@@ -118,20 +118,25 @@ def test_learn_flow_learns_publishes_and_scores_from_redis(joined):
                                                             reverse=True)
 
 
+def learned(cfg) -> int:
+    """Examples the learn flow has learned, from its stats file (0 before the first)."""
+    path = stats_path(cfg)
+    return orjson.loads(path.read_bytes())["counts"]["learned"] if path.exists() else 0
+
+
 def test_sigkill_mid_stream_then_resume_learns_each_example_once(joined, tmp_path):
     cfg, records = joined
     cfg_path = tmp_path / "ctrstream.toml"
     cfg_path.write_text(cfg.to_toml())
     proc = flow_process(cfg_path, "learn")
     deadline = time.monotonic() + 60
-    while not (stats_path(cfg).exists() and orjson.loads(
-            stats_path(cfg).read_bytes())["counts"]["learned"] > 2000):
+    while not learned(cfg) > 2000:
         assert proc.poll() is None, flow_log(proc)[-2000:]
         assert time.monotonic() < deadline, "the learn flow made no progress"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    killed_at = orjson.loads(stats_path(cfg).read_bytes())["counts"]["learned"]
+    killed_at = learned(cfg)
     assert killed_at < expected_counts(records)["learned"]  # the kill landed mid-stream
     proc = flow_process(cfg_path, "learn", "--until-eof")
     run_to_end(proc, 120)
