@@ -26,19 +26,20 @@ chromium:
 
 test: install chromium
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "not slow" --doctest-modules joiner features learners tests
+	$(BIN)/python -m pytest -q -m "not slow"
 
 test-all: install chromium
-	$(BIN)/python -m pytest -q --doctest-modules joiner features learners tests
+	$(BIN)/python -m pytest -q
 
 # The reliability suite with 30 s outages, 10 kills a flow and 10 min of load near capacity
 # (make test: 3 s and 2 kills, no load test); it ends with a table of what it counted.
 chaos: install
 	CHAOS_OUTAGE_S=30 CHAOS_KILLS=10 SOAK_S=600 $(BIN)/python -m pytest -q -s \
-	  tests/test_chaos.py tests/test_bad_input.py tests/test_security.py tests/test_soak.py
+	  tests/integration/test_chaos.py tests/integration/test_bad_input.py \
+	  tests/integration/test_security.py tests/integration/test_soak.py
 
 demo: install
-	$(BIN)/python -m flows.demo
+	$(BIN)/python -m ctrstream.demo
 
 bench: install
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'

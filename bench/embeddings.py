@@ -48,9 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition  # noqa: E402
 from embeddings_core import run_online, run_peer, stream  # noqa: E402
 
+from ctrstream.stack import LocalStack, create_topics, free_port  # noqa: E402
 from flows.config import Config, LearnConfig  # noqa: E402
 from flows.kafka import make_producer  # noqa: E402
-from flows.stack import LocalStack, create_topics, free_port  # noqa: E402
 from learners.embeddings import EmbeddingLearner  # noqa: E402
 from learners.model import MICRO_BATCH, Models  # noqa: E402
 from learners.publish import ModelStore, ModelStoreError  # noqa: E402
@@ -152,7 +152,7 @@ def push_latency(base: Config, tmp: Path, push_s: float, rate: float, seconds: f
     producer = make_producer(cfg)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "--config", str(path), "run", "learn",
+            [sys.executable, "-m", "ctrstream.cli", "--config", str(path), "run", "learn",
              *flow_args],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     pending: dict[str, tuple[float, bytes, bool]] = {}  # user -> (t produced, key, measured)

@@ -38,10 +38,10 @@ sys.path.append(str(ROOT / "bench"))
 import features_core  # noqa: E402
 import features_store  # noqa: E402
 
+from ctrstream.produce import produce  # noqa: E402
+from ctrstream.simulator import StreamSpec  # noqa: E402
+from ctrstream.stack import LocalStack, create_topics, free_port  # noqa: E402
 from flows.config import Config  # noqa: E402
-from flows.produce import produce  # noqa: E402
-from flows.simulator import StreamSpec  # noqa: E402
-from flows.stack import LocalStack, create_topics, free_port  # noqa: E402
 
 POLL_S = 0.005
 # Skipped at the start of each run: until clicks flow on every partition, the join
@@ -96,7 +96,7 @@ def freshness(rate: float, seconds: float, tmp: Path) -> tuple[np.ndarray, np.nd
         create_topics(cfg)
         cfg_path = tmp / "bench.toml"
         cfg_path.write_text(cfg.to_toml())
-        flow = subprocess.Popen([sys.executable, "-m", "flows.cli", "--config", str(cfg_path),
+        flow = subprocess.Popen([sys.executable, "-m", "ctrstream.cli", "--config", str(cfg_path),
                                  "run", "join", "--no-recovery"], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         client = redis.Redis.from_url(cfg.redis.url)

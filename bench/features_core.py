@@ -30,10 +30,10 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ctrstream.simulator import CLICKS, EventStream, StreamSpec  # noqa: E402
 from features.counters import EntityCounters  # noqa: E402
 from features.spec import FeatureSpec  # noqa: E402
 from flows.config import GeneratorConfig  # noqa: E402
-from flows.simulator import CLICKS, EventStream, StreamSpec  # noqa: E402
 from joiner.events import parse_click, parse_impression  # noqa: E402
 
 

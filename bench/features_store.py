@@ -28,8 +28,8 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ctrstream.stack import REDIS_SERVER, Component, free_port  # noqa: E402
 from features.store import FeatureStore, _num  # noqa: E402
-from flows.stack import REDIS_SERVER, Component, free_port  # noqa: E402
 
 TTL_S = 2 * 86_400
 

@@ -32,12 +32,12 @@ from bytewax.dataflow import Dataflow
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ctrstream.produce import produce  # noqa: E402
+from ctrstream.simulator import StreamSpec  # noqa: E402
+from ctrstream.stack import LocalStack, create_topics, free_port  # noqa: E402
 from flows.config import Config, load_config  # noqa: E402
 from flows.join import JoinSource, _JoinPartition  # noqa: E402
 from flows.kafka import KafkaRecordSink  # noqa: E402
-from flows.produce import produce  # noqa: E402
-from flows.simulator import StreamSpec  # noqa: E402
-from flows.stack import LocalStack, create_topics, free_port  # noqa: E402
 from joiner.events import (  # noqa: E402
     BadEvent,
     parse_click,
@@ -128,8 +128,8 @@ def _impressions(n: int, start_ms: int):
 
 def bench_core(n_impressions: int) -> None:
     """The joiner core in-process over generator messages, next to parsing them alone."""
+    from ctrstream.simulator import EventStream
     from flows.config import GeneratorConfig
-    from flows.simulator import EventStream
 
     msgs = []
     for c in EventStream(GeneratorConfig(), StreamSpec(seed=1, impressions=n_impressions)):

@@ -7,7 +7,7 @@ LogisticRegression + optim.FTRLProximal (on the first --river examples only: it 
 Vowpal Wabbit's --ftrl through its Python bindings (examples fed as text, `index:1`). The
 floor: the NE of the true click probability (Bayes-optimal).
 
-The stream is flows.simulator's World (its true p per impression) without Kafka: impressions
+The stream is ctrstream.simulator's World (its true p per impression) without Kafka: impressions
 in event-time order, label = clicked (no wait window), count features point-in-time from
 features.counters.EntityCounters with clicks counted at their own event time, hashed by
 features.hashing.FeatureHasher. Learners' rates are learning only (features pre-hashed); the
@@ -29,11 +29,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ctrstream.simulator import DEVICES, MS_PER_DAY, World  # noqa: E402
 from features.counters import EntityCounters  # noqa: E402
 from features.hashing import FeatureHasher  # noqa: E402
 from features.spec import FeatureSpec  # noqa: E402
 from flows.config import GeneratorConfig, LearnConfig  # noqa: E402
-from flows.simulator import DEVICES, MS_PER_DAY, World  # noqa: E402
 from joiner.events import Impression  # noqa: E402
 from learners.bopr import BOPR  # noqa: E402
 from learners.ftrl import FTRLProximal  # noqa: E402

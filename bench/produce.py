@@ -3,7 +3,7 @@ bytes (pre-serialized, same keys, same topics' settings, same producer settings)
 
     python bench/produce.py [--impressions 1000000] [--rounds 3]
 
-Starts a private local stack (flows/stack.py: Tansu broker in memory, and Redis) on free ports
+Starts a private local stack (ctrstream/stack.py: Tansu broker in memory, and Redis) on free ports
 and stops it at the end. Each round sends to fresh topics, bare loop first, then the
 generator; the figure is the median over rounds of messages / wall seconds, the generator's
 including its world setup, simulation, serialization, truth file and final flush.
@@ -19,11 +19,11 @@ import time
 import uuid
 from pathlib import Path
 
+from ctrstream.produce import PRODUCER_SETTINGS, produce
+from ctrstream.simulator import EventStream, StreamSpec
+from ctrstream.stack import LocalStack, create_topics, free_port
 from flows.config import Config
 from flows.kafka import make_producer
-from flows.produce import PRODUCER_SETTINGS, produce
-from flows.simulator import EventStream, StreamSpec
-from flows.stack import LocalStack, create_topics, free_port
 
 
 def fresh_topics(cfg: Config, label: str) -> Config:

@@ -29,7 +29,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flows.stack import REDIS_SERVER, Component, free_port  # noqa: E402
+from ctrstream.stack import REDIS_SERVER, Component, free_port  # noqa: E402
 from learners.publish import ModelStore, _fields, _to_bytes  # noqa: E402
 
 # The design not taken for read_consistent: pointer and data in one script.

@@ -9,7 +9,7 @@ end):
     holdout (predict, then learn the last 10 % as the learn flow would), publish (write the
     version to Redis, flip the pointer); and the whole retrain in examples/s.
 
-The day is tests/test_retrain.py's simulator (flows/simulator.py's World, labels as the
+The day is tests/test_retrain.py's simulator (ctrstream/simulator.py's World, labels as the
 joiner gives them, late-click corrections, point-in-time counts).
 
     python bench/retrain.py [--rate 2.3] [--threads 1] [--seed 0]
@@ -30,13 +30,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tests.test_retrain import DAY, MIDNIGHT, simulate  # noqa: E402
+
+from ctrstream.stack import Component, free_port  # noqa: E402
 from flows.config import LearnConfig  # noqa: E402
-from flows.stack import Component, free_port  # noqa: E402
 from learners.archive import ExampleArchive  # noqa: E402
 from learners.model import Models  # noqa: E402
 from learners.publish import ModelStore  # noqa: E402
 from learners.retrain import retrain  # noqa: E402
-from tests.test_retrain import DAY, MIDNIGHT, simulate  # noqa: E402
 
 
 def main() -> None:

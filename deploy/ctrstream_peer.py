@@ -53,7 +53,7 @@ def ordinal(hostname: str) -> int:
 def plan(argv: list[str], hostname: str) -> tuple[list[str], argparse.Namespace, int, list[str]]:
     """The ``ctrstream`` arguments for this pod (``argv`` plus ``--process-id N``), the parsed
     arguments, N and the address list; raises PeerError when they do not fit together."""
-    from flows.cli import build_parser
+    from ctrstream.cli import build_parser
 
     args = build_parser().parse_args(argv)  # a bad argv exits here with ctrstream's usage
     if args.command != "run":

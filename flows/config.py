@@ -179,7 +179,7 @@ class LearnConfig:
 
 @dataclass(frozen=True)
 class GeneratorConfig:
-    """The simulator behind `ctrstream produce` (see flows/simulator.py)."""
+    """The simulator behind `ctrstream produce` (see ctrstream/simulator.py)."""
 
     users: int = 10_000
     items: int = 2_000

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from ctrstream.stack import REDIS_SERVER, LocalStack, create_topics, free_port
 from flows.config import Config
-from flows.stack import REDIS_SERVER, LocalStack, create_topics, free_port
 
 
 @pytest.fixture(scope="session")

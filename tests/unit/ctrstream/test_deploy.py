@@ -20,10 +20,10 @@ from typing import get_origin, get_type_hints
 import pytest
 import yaml
 
-from flows.cli import build_parser
+from ctrstream.cli import build_parser
 from flows.config import Config, load_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 CRON = DEPLOY / "cron" / "ctrstream-retrain"
@@ -192,7 +192,7 @@ def test_command_is_a_valid_cli_invocation(where, argv):
     if name not in commands:
         pytest.fail(f"{where} runs `ctrstream {shlex.join(argv)}`, but the CLI has no {name!r} "
                     f"command (registered: {', '.join(sorted(commands))}). Register it in "
-                    "flows/cli.py COMMAND_MODULES, or fix the manifest.")
+                    "ctrstream/cli.py COMMANDS, or fix the manifest.")
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         try:

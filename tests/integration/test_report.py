@@ -16,10 +16,10 @@ import numpy as np
 import orjson
 import pytest
 
+from ctrstream.report import FIGURES, write_report
+from ctrstream.stack import free_port
 from features.store import FeatureStore, connect
 from flows.config import Config
-from flows.report import FIGURES, write_report
-from flows.stack import free_port
 from learners.archive import ExampleArchive
 
 T0 = 1_700_000_000_000  # event time of the first impression
@@ -137,7 +137,7 @@ def test_report_of_a_data_dir_shows_every_figure_in_chromium(report_cfg, tmp_pat
     cfg_path = tmp_path / "ctrstream.toml"
     cfg_path.write_text(cfg.to_toml())
     out = tmp_path / "out" / "report.html"
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "--config", str(cfg_path),
+    done = subprocess.run([sys.executable, "-m", "ctrstream.cli", "--config", str(cfg_path),
                            "report", "--out", str(out)], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -435,9 +435,9 @@ def test_log_buckets_and_derived():
 def test_counters_step_resumed_from_its_snapshot_gives_the_same_output(monkeypatch):
     # The bytewax step around the counters (flows/features_ops.py): the same signals in
     # batches, once straight through and once with a snapshot, pickle and resume halfway.
+    from ctrstream.stack import free_port
     from flows.config import Config
     from flows.features_ops import PIT, WATERMARK, CountersLogic
-    from flows.stack import free_port
     from joiner.join import CLICKED, SEEN
 
     cfg = Config().replace(redis={"url": f"redis://127.0.0.1:{free_port()}/0"})  # nobody there

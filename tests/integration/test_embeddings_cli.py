@@ -10,9 +10,9 @@ import numpy as np
 import orjson
 import pytest
 
-from flows.cli import main
-from flows.embeddings_cli import retrieve
-from flows.stack import free_port
+from ctrstream.cli import main
+from ctrstream.embeddings import retrieve
+from ctrstream.stack import free_port
 from learners.embeddings import FALLBACK_PREFIX, serving_keys
 from learners.model import Models
 from learners.publish import from_config as model_store

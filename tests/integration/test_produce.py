@@ -8,10 +8,10 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from flows.cli import main
+from ctrstream.cli import main
+from ctrstream.produce import produce
+from ctrstream.simulator import EventStream, Faults, StreamSpec, read_manifest, read_truth
 from flows.kafka import DeliveryError, KafkaRecordSink, read_topics
-from flows.produce import produce
-from flows.simulator import EventStream, Faults, StreamSpec, read_manifest, read_truth
 
 pytestmark = pytest.mark.integration
 

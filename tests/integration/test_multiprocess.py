@@ -10,11 +10,15 @@ from pathlib import Path
 import orjson
 import pytest
 
+from ctrstream.produce import produce
+from ctrstream.simulator import Faults, StreamSpec, read_truth
+from ctrstream.stack import create_topics
 from flows.kafka import read_topics
-from flows.produce import produce
-from flows.simulator import Faults, StreamSpec, read_truth
-from flows.stack import create_topics
-from tests.test_join_flow import check_against_truth, check_counts_against_recount, join_config
+from tests.integration.test_join_flow import (
+    check_against_truth,
+    check_counts_against_recount,
+    join_config,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +33,7 @@ def run_join(cfg, tmp_path: Path, name: str, processes: int):
     create_topics(cfg)
     path = tmp_path / f"{name}.toml"
     path.write_text(cfg.to_toml())
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "--config", str(path), "run",
+    out = subprocess.run([sys.executable, "-m", "ctrstream.cli", "--config", str(path), "run",
                           "join", "--until-eof", "-p", str(processes)],
                          capture_output=True, timeout=300)
     assert out.returncode == 0, out.stderr.decode()[-3000:]

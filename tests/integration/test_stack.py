@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
-from flows.cli import main
-from flows.stack import LocalStack, StackError, create_topics, free_port
+from ctrstream.cli import main
+from ctrstream.stack import LocalStack, StackError, create_topics, free_port
 
 pytestmark = pytest.mark.integration
 

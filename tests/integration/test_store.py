@@ -9,6 +9,8 @@ import orjson
 import pytest
 import redis
 
+from ctrstream.cli import main
+from ctrstream.stack import Component, free_port
 from features.store import (
     BufferedWriter,
     FeatureStore,
@@ -16,9 +18,7 @@ from features.store import (
     StoreUnavailable,
     connect,
 )
-from flows.cli import main
 from flows.config import Config
-from flows.stack import Component, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -24,13 +24,13 @@ import orjson
 import pytest
 import redis
 
+from ctrstream.produce import produce
+from ctrstream.simulator import Faults, StreamSpec
+from ctrstream.stack import create_topics
 from flows.config import Config
-from flows.produce import produce
-from flows.simulator import Faults, StreamSpec
-from flows.stack import create_topics
 from tests import tally
-from tests.test_chaos import stack, wait_for  # noqa: F401  (stack: a private one per test)
-from tests.test_join_flow import flow_log, flow_process, join_config, join_stats
+from tests.integration.test_chaos import stack, wait_for  # noqa: F401  (stack: a private one per test)
+from tests.integration.test_join_flow import flow_log, flow_process, join_config, join_stats
 
 # Minutes of load on a shared 2-core machine: in `make chaos`, not in `make test` (whose
 # 20 s run could not show a slow lag growth anyway, and whose timing it would make flaky).

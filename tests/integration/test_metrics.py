@@ -13,15 +13,15 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ctrstream.produce import produce
+from ctrstream.report import read_jsonl
+from ctrstream.simulator import Faults, StreamSpec
+from ctrstream.stack import free_port
 from flows import metrics
 from flows.kafka import read_topics
-from flows.produce import produce
-from flows.report import read_jsonl
 from flows.run import run_flow
-from flows.simulator import Faults, StreamSpec
-from flows.stack import free_port
 
-DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana-dashboard.json"
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana-dashboard.json"
 IMPRESSIONS = 8000
 
 
@@ -57,7 +57,7 @@ def run(tmp_path_factory, stack_cfg):
         learn={"store_name": f"m{s}", "push_interval_s": 0.3, "log_interval_s": 0.5},
         generator={"max_click_delay_s": 3600.0},
         metrics={"join_port": free_port(), "learn_port": free_port()})
-    from flows.stack import create_topics
+    from ctrstream.stack import create_topics
 
     create_topics(cfg)
     spec = StreamSpec(seed=3, impressions=IMPRESSIONS, faults=Faults.preset(IMPRESSIONS, 0.03))

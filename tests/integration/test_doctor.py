@@ -9,11 +9,11 @@ import uuid
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from ctrstream.cli import main
+from ctrstream.stack import free_port
 from features.spec import FeatureSpec
 from features.store import FeatureStore, connect
 from features.store import from_config as feature_store
-from flows.cli import main
-from flows.stack import free_port
 from learners.publish import from_config as model_store
 
 pytestmark = pytest.mark.integration

@@ -13,8 +13,8 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
+from ctrstream.stack import REDIS_SERVER, free_port
 from features.store import connect
-from flows.stack import REDIS_SERVER, free_port
 from learners.publish import ModelStore, ModelStoreError, PublishConflict, from_config
 
 pytestmark = pytest.mark.integration

@@ -30,9 +30,9 @@ from collections.abc import Sequence
 import numpy as np
 import orjson
 
+from ctrstream.features import _age, _iso
+from ctrstream.score import guarded
 from flows.config import Config
-from flows.features_cli import _age, _iso
-from flows.score_cli import guarded
 from learners.embeddings import FALLBACK_PREFIX, serving_keys
 from learners.publish import ModelStore, ModelStoreError, Rows, _decode_rows, _Layout
 from learners.scorer import Scorer

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from ctrstream.simulator import FAULT_KINDS, EventStream, Faults, StreamSpec, write_manifest
 from flows.config import Config
 from flows.kafka import DeliveryError, input_partitions, make_producer
-from flows.simulator import FAULT_KINDS, EventStream, Faults, StreamSpec, write_manifest
 
 # Throughput settings; idempotence so a retried batch never lands twice.
 # Bulk tuning on top of flows.kafka.make_producer's settings.

@@ -16,14 +16,9 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from features.store import from_config
-from flows.config import load_config
-from flows.kafka import read_topics
-from flows.learn import stats_path
-from flows.produce import produce, summary
-from flows.report import write_report
-from flows.run import run_flow
-from flows.simulator import (
+from ctrstream.produce import produce, summary
+from ctrstream.report import write_report
+from ctrstream.simulator import (
     Faults,
     StreamSpec,
     bayes_log_loss,
@@ -31,7 +26,12 @@ from flows.simulator import (
     expected_labels,
     read_truth,
 )
-from flows.stack import LocalStack, create_topics
+from ctrstream.stack import LocalStack, create_topics
+from features.store import from_config
+from flows.config import load_config
+from flows.kafka import read_topics
+from flows.learn import stats_path
+from flows.run import run_flow
 from learners.metrics import entropy
 from learners.scorer import Scorer
 

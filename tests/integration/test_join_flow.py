@@ -15,12 +15,12 @@ import numpy as np
 import orjson
 import pytest
 
+from ctrstream.produce import produce
+from ctrstream.simulator import Faults, StreamSpec, expected_labels, read_truth
 from features.spec import window_label
 from features.store import from_config
 from flows.kafka import read_topics
-from flows.produce import produce
 from flows.run import run_flow
-from flows.simulator import Faults, StreamSpec, expected_labels, read_truth
 
 pytestmark = pytest.mark.integration
 
@@ -166,7 +166,7 @@ def flow_process(cfg_path: Path, flow: str, *extra: str,
     log_path = cfg_path.with_name(f"{flow}-{time.time_ns()}.log")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "--config", str(cfg_path), "run", flow,
+            [sys.executable, "-m", "ctrstream.cli", "--config", str(cfg_path), "run", flow,
              "--snapshot-interval", str(snapshot_interval_s), *extra],
             stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     proc.log_path = log_path

@@ -14,7 +14,7 @@ import pytest
 from features.derived import log_bucket
 from features.hashing import FeatureHasher, canonical
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 COUNTS = {
     "user": {"imp_5m": 3, "clk_5m": 0, "imp_1h": 10, "clk_1h": 1, "imp_24h": 40, "clk_24h": 2},
     "item": {"imp_5m": 120, "clk_5m": 4, "imp_1h": 900, "clk_1h": 30},

@@ -1,19 +1,27 @@
-"""The `ctrstream` command. Each subcommand lives in its own module, which exposes
+"""The `ctrstream` command. Each noun lives in its own module of this package, which exposes
 ``register(subparsers)``; the parser it adds sets ``func(args, cfg) -> int``."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
+from ctrstream import (
+    doctor,
+    embeddings,
+    features,
+    produce,
+    report,
+    retrain,
+    run,
+    score,
+    stack,
+)
 from flows.config import ConfigError, load_config
 
-# Modules that add subcommands, in the order `--help` lists them.
-COMMAND_MODULES = ["flows.stack", "flows.produce", "flows.run", "flows.features_cli",
-                   "flows.score_cli", "flows.doctor",
-                   "flows.embeddings_cli", "flows.retrain_cli", "flows.report"]
+# The modules that add subcommands, in the order `--help` lists them.
+COMMANDS = [stack, produce, run, features, score, doctor, embeddings, retrain, report]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TOML config file (default: $CTRSTREAM_CONFIG or ./ctrstream.toml)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for module in COMMANDS:
+        module.register(sub)
     return parser
 
 

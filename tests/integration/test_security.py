@@ -1,7 +1,7 @@
 """Redis with an ACL user, a password and TLS only, the way a production Redis is set up: the
 features store connects with the config's credentials and CA, and no secret reaches a log or
 an error message. (Kafka's SASL/SSL options are passed through to confluent-kafka as they
-are: tests/test_config.py checks the client settings.)"""
+are: tests/unit/flows/test_config.py checks the client settings.)"""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import redis
 
+from ctrstream.stack import REDIS_SERVER, free_port
 from features.store import BufferedWriter, FeatureStore, StoreUnavailable, connect, redact_url
 from features.store import from_config as store_from_config
 from flows.config import Config, ConfigError
-from flows.stack import REDIS_SERVER, free_port
 
 pytestmark = pytest.mark.integration
 

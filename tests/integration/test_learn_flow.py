@@ -15,16 +15,16 @@ import numpy as np
 import orjson
 import pytest
 
+from ctrstream.produce import produce
+from ctrstream.simulator import Faults, StreamSpec
 from flows.kafka import read_topics
 from flows.learn import stats_path
-from flows.produce import produce
 from flows.run import run_flow
-from flows.simulator import Faults, StreamSpec
 from learners.archive import ExampleArchive
 from learners.model import Models, usable
 from learners.publish import from_config as model_store
 from learners.scorer import Scorer
-from tests.test_join_flow import flow_log, flow_process, run_to_end
+from tests.integration.test_join_flow import flow_log, flow_process, run_to_end
 
 pytestmark = pytest.mark.integration
 
@@ -109,7 +109,7 @@ def test_learn_flow_learns_publishes_and_scores_from_redis(joined):
     cfg_path = Path(cfg.data_dir) / "ctrstream.toml"
     cfg_path.write_text(cfg.to_toml())
     out = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "--config", str(cfg_path), "score", "--user", user,
+        [sys.executable, "-m", "ctrstream.cli", "--config", str(cfg_path), "score", "--user", user,
          "--items", ",".join(items), "--device", "mobile", "--position", "2", "--hour", "20",
          "--by", "bopr", "--json"], capture_output=True, check=True)
     printed = orjson.loads(out.stdout)

@@ -11,8 +11,7 @@ import numpy as np
 import orjson
 import pytest
 
-from flows.config import GeneratorConfig
-from flows.simulator import (
+from ctrstream.simulator import (
     CLICKS,
     EARLY_CLICK_MAX_DELAY_MS,
     IMPRESSIONS,
@@ -28,6 +27,7 @@ from flows.simulator import (
     read_manifest,
     read_truth,
 )
+from flows.config import GeneratorConfig
 from joiner.events import BadEvent, parse_click, parse_impression
 
 GEN = GeneratorConfig()

@@ -22,16 +22,15 @@ import pytest
 import redis
 from confluent_kafka import Consumer, TopicPartition
 
+from ctrstream.produce import produce
+from ctrstream.simulator import MANIFEST_FILE, Faults, StreamSpec, read_truth
+from ctrstream.stack import LocalStack, create_topics, free_port
 from flows.config import Config
 from flows.kafka import DeliveryError, read_topics
-from flows.produce import produce
-from flows.simulator import MANIFEST_FILE, Faults, StreamSpec, read_truth
-from flows.stack import LocalStack, create_topics, free_port
 from learners.archive import ExampleArchive
 from learners.publish import from_config as model_store
 from tests import tally
-from tests.netproxy import Forwarder
-from tests.test_join_flow import (
+from tests.integration.test_join_flow import (
     check_against_truth,
     check_counts_against_recount,
     flow_log,
@@ -40,7 +39,13 @@ from tests.test_join_flow import (
     join_stats,
     run_to_end,
 )
-from tests.test_learn_flow import check_learned_once, join_examples, learn_config, learned
+from tests.integration.test_learn_flow import (
+    check_learned_once,
+    join_examples,
+    learn_config,
+    learned,
+)
+from tests.netproxy import Forwarder
 
 pytestmark = pytest.mark.integration
 

@@ -3,7 +3,7 @@ refusal rule, warm start, late-click corrections, publish conflicts, CLI errors;
 simulated days end to end (online learning on day 1, retrain at the boundary, day 2 from the
 new version).
 
-Examples come from the simulator's World (flows/simulator.py) without Kafka: impressions in
+Examples come from the simulator's World (ctrstream/simulator.py) without Kafka: impressions in
 event-time order, labeled as the joiner labels them (clicked within the wait window), with
 point-in-time counts from features.counters.EntityCounters, and a late-click correction for
 a click after the window but within the late-click horizon.
@@ -22,13 +22,13 @@ import orjson
 import pytest
 import torch
 
+from ctrstream.cli import main
+from ctrstream.simulator import DEVICES, MS_PER_DAY, World
+from ctrstream.stack import free_port
 from features.counters import EntityCounters
 from features.spec import FeatureSpec
-from flows.cli import main
 from flows.config import GeneratorConfig, LearnConfig
 from flows.learn import LearnLogic
-from flows.simulator import DEVICES, MS_PER_DAY, World
-from flows.stack import free_port
 from joiner.events import Impression
 from learners.archive import ExampleArchive
 from learners.metrics import normalized_entropy
@@ -369,7 +369,7 @@ def test_publishes_over_the_learn_flows_version_but_not_another_retrains(
     cfg = configs("b", max_ne_regression=1.0)
     fill(cfg, sim)
     store = RacingStore(cfg, "retrain")
-    monkeypatch.setattr("flows.retrain_cli.model_store", lambda *a, **k: store)
+    monkeypatch.setattr("ctrstream.retrain.model_store", lambda *a, **k: store)
     assert run_cli(cfg, tmp_path, "--date", DAY) == 4
     out, err = capsys.readouterr()
     assert store.current() == store.racer
