@@ -123,3 +123,40 @@ def parse_impression_payload(raw: bytes) -> tuple[Impression, bytes]:
 def parse_click(raw: bytes) -> Click:
     obj = _load(raw)
     return Click(_id(obj, "impression_id"), _ts(obj))
+
+
+# -- the labeled examples on `examples` (the join's output) --------------------------------------
+
+CORRECTION = "a late-click correction, not an example"
+QUARANTINED = "quarantined: the join's health monitor suspects its label"
+# Reasons that mark a well-formed record that is kept (archived) but not learned from.
+NOT_LEARNED = frozenset((CORRECTION, QUARANTINED))
+
+
+def why_not_learnable(record) -> str | None:
+    """Why a record from `examples` cannot be learned from, or None when it can: the one rule
+    the learn flow, the models, the embedding learner and the retrain apply. A reason in
+    ``NOT_LEARNED`` marks a well-formed record (archived, not learned); any other marks a
+    malformed one (a dead letter).
+
+    >>> ok = {"impression_id": "i1", "ts": 1, "user_id": "u", "item_id": "v", "label": 0}
+    >>> why_not_learnable(ok) is None
+    True
+    >>> why_not_learnable({**ok, "label": None})
+    'label missing or not 0/1'
+    >>> why_not_learnable({"kind": "late_click", "impression_id": "i1", "ts": 1}) == CORRECTION
+    True
+    """
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    if type(record.get("impression_id")) is not str or not record["impression_id"]:
+        return "impression_id missing or not a string"
+    if type(record.get("ts")) is not int:  # bool is an int subclass: type() keeps it out
+        return "ts missing or not an integer"
+    if record.get("kind", "example") != "example":
+        return CORRECTION
+    if type(record.get("label")) is not int or record["label"] not in (0, 1):
+        return "label missing or not 0/1"
+    if record.get("quarantined"):
+        return QUARANTINED
+    return None
