@@ -24,8 +24,10 @@ chromium:
 	  echo "installing chromium (apt)"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 
+# lint-imports: the layer contracts in pyproject.toml ([tool.importlinter]).
 test: install chromium
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test-all: install chromium
@@ -52,6 +54,7 @@ bench: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 clean:
 	-$(BIN)/ctrstream stack down
