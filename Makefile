@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# tests/test_report.py opens the HTML report in headless Chromium.
+# tests/integration/test_report.py opens the HTML report in headless Chromium.
 chromium:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  echo "installing chromium (apt)"; \
