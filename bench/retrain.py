@@ -9,8 +9,8 @@ end):
     holdout (predict, then learn the last 10 % as the learn flow would), publish (write the
     version to Redis, flip the pointer); and the whole retrain in examples/s.
 
-The day is tests/integration/test_retrain.py's simulator (ctrstream/simulator.py's World, labels as the
-joiner gives them, late-click corrections, point-in-time counts).
+The day is tests/integration/test_retrain.py's simulator (ctrstream/simulator.py's World,
+labels as the joiner gives them, late-click corrections, point-in-time counts).
 
     python bench/retrain.py [--rate 2.3] [--threads 1] [--seed 0]
 """

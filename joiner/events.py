@@ -10,6 +10,8 @@ from typing import NamedTuple
 
 import orjson
 
+from joiner.errors import CtrstreamError
+
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_ID_CHARS = 128
 # 9999-12-31T23:59:59.999Z. Beyond it a ts does not fit the queue's int64 columns (2**63) or
@@ -17,8 +19,10 @@ MAX_ID_CHARS = 128
 MAX_TS_MS = 253_402_300_799_999
 
 
-class BadEvent(ValueError):
+class BadEvent(CtrstreamError, ValueError):
     """The message cannot be processed; ``str(e)`` is the dead-letter reason."""
+
+    exit_code = 2
 
 
 class Impression(NamedTuple):
@@ -144,6 +148,8 @@ def why_not_learnable(record) -> str | None:
     True
     >>> why_not_learnable({**ok, "label": None})
     'label missing or not 0/1'
+    >>> why_not_learnable({**ok, "counts": {"user": {"imp_5m": "x"}}})
+    'count user.imp_5m must be a finite number >= 0'
     >>> why_not_learnable({"kind": "late_click", "impression_id": "i1", "ts": 1}) == CORRECTION
     True
     """
@@ -157,6 +163,28 @@ def why_not_learnable(record) -> str | None:
         return CORRECTION
     if type(record.get("label")) is not int or record["label"] not in (0, 1):
         return "label missing or not 0/1"
+    for name in ("user_id", "item_id"):
+        if type(record.get(name)) not in _SCALARS:
+            return f"{name} missing or not a string"
+    try:  # what the learners hash must be well-typed: a bad value would stop the flow
+        _features(record)
+    except BadEvent as e:
+        return str(e)
+    if (why := _counts_problem(record.get("counts", {}))) is not None:
+        return why
     if record.get("quarantined"):
         return QUARANTINED
+    return None
+
+
+def _counts_problem(counts) -> str | None:
+    """Why the attached counts ({entity: {feature: number}}) are malformed, or None."""
+    if type(counts) is not dict:
+        return "counts must be an object"
+    for entity, values in counts.items():
+        if type(values) is not dict:
+            return f"counts of {entity!r} must be an object"
+        for name, v in values.items():
+            if type(v) not in (int, float) or not math.isfinite(v) or v < 0:
+                return f"count {entity}.{name} must be a finite number >= 0"
     return None
