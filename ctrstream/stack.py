@@ -18,11 +18,12 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from flows.config import Config
+from joiner.errors import CtrstreamError
 
 REDIS_SERVER = "/usr/bin/redis-server"
 
 
-class StackError(RuntimeError):
+class StackError(CtrstreamError, RuntimeError):
     """A stack component could not be started, or the topic layout is wrong."""
 
 

@@ -32,6 +32,15 @@ _TOP_LEVEL = {name: i for i, name in enumerate(Impression._fields) if name != "f
 _FEATURES = Impression._fields.index("features")
 
 
+def split_names(text: str) -> list[str]:
+    """A comma-separated list of names, each stripped, empty ones dropped.
+
+    >>> split_names(" user_id, category,")
+    ['user_id', 'category']
+    """
+    return [name for name in (part.strip() for part in text.split(",")) if name]
+
+
 def window_label(ms: int) -> str:
     """The shortest exact label: 300000 -> '5m', 86400000 -> '24h', 1500 -> '1500ms'."""
     for unit, size in (("h", 3_600_000), ("m", 60_000), ("s", 1000)):
@@ -80,7 +89,7 @@ class FeatureSpec:
         """From ``Config.features``: ``entities`` maps name -> "field,field" (an empty value
         drops the entity), ``windows_ms`` and ``tiles_per_window`` as they are. A bad value
         raises ValueError naming the key (features/ does not import flows/ for ConfigError)."""
-        entities = {name: tuple(f.strip() for f in spec.split(","))
+        entities = {name: tuple(split_names(spec))
                     for name, spec in features.entities.items() if spec.strip()}
         try:
             return cls(entities=entities, windows_ms=tuple(features.windows_ms),

@@ -35,6 +35,8 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 import redis
 
+from joiner.errors import CtrstreamError
+
 if TYPE_CHECKING:
     from flows.config import Config
 
@@ -49,7 +51,7 @@ META_CHECK_S = 10.0  # a writer checks that the meta key is still there this oft
 _ENTITY = re.compile(r"[A-Za-z0-9_.-]+")
 
 
-class SchemaMismatch(RuntimeError):
+class SchemaMismatch(CtrstreamError, RuntimeError):
     """The store holds features of another schema version (or lacks features we need)."""
 
     def __init__(self, message: str, found: object = None, expected: object = None) -> None:
@@ -57,11 +59,11 @@ class SchemaMismatch(RuntimeError):
         self.found, self.expected = found, expected
 
 
-class StoreUnavailable(RuntimeError):
+class StoreUnavailable(CtrstreamError, RuntimeError):
     """Redis could not be written for longer than the writer's give-up time."""
 
 
-class MetaMissing(LookupError):
+class MetaMissing(CtrstreamError, LookupError):
     """No meta key: nothing was ever written under this prefix (or wrong Redis/db/prefix)."""
 
 

@@ -19,11 +19,16 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import orjson
 
+from features.spec import split_names
+from joiner.errors import CtrstreamError
+
 ENV_PREFIX = "CTRSTREAM_"
 
 
-class ConfigError(ValueError):
+class ConfigError(CtrstreamError, ValueError):
     """A configuration value is unknown, mistyped or out of range; the message names the key."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -286,7 +291,7 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     origin = get_origin(typ)
     if origin is list:
         if isinstance(value, str):
-            value = orjson.loads(value) if value.strip().startswith("[") else value.split(",")
+            value = orjson.loads(value) if value.strip().startswith("[") else split_names(value)
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (inner,) = get_args(typ)

@@ -17,6 +17,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, To
 from confluent_kafka.admin import AdminClient
 
 from flows.config import Config
+from joiner.errors import CtrstreamError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def idle_awake(got_items: bool) -> datetime | None:
     return None if got_items else datetime.now(UTC) + IDLE_POLL
 
 
-class DeliveryError(RuntimeError):
+class DeliveryError(CtrstreamError, RuntimeError):
     """Kafka did not acknowledge some records; the flow stops so recovery replays them."""
 
 

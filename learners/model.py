@@ -28,6 +28,7 @@ import numpy as np
 import orjson
 
 from features.hashing import FeatureHasher
+from features.spec import split_names
 from learners.bopr import BOPR
 from learners.embeddings import EmbeddingLearner
 from learners.ftrl import FTRLProximal
@@ -54,7 +55,7 @@ def make_hasher(meta_or_cfg) -> FeatureHasher:
         bits, crosses = meta_or_cfg["hash_bits"], meta_or_cfg["crosses"]
     else:
         bits = meta_or_cfg.hash_bits
-        crosses = [tuple(f.strip() for f in c.split(",")) for c in meta_or_cfg.crosses]
+        crosses = [split_names(c) for c in meta_or_cfg.crosses]
     return FeatureHasher(bits=bits, crosses=[tuple(c) for c in crosses])
 
 

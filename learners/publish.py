@@ -84,6 +84,7 @@ import orjson
 import redis
 
 from features.store import connect
+from joiner.errors import CtrstreamError
 
 if TYPE_CHECKING:
     from flows.config import Config
@@ -96,12 +97,14 @@ ANY = "*"
 _STAGING_MS = 3_600_000  # a staged write that dies halfway leaves garbage this long
 
 
-class ModelStoreError(RuntimeError):
+class ModelStoreError(CtrstreamError, RuntimeError):
     """A model version is missing, incomplete, or holds data of another layout."""
 
 
 class PublishConflict(ModelStoreError):
     """Another publisher moved the pointer since the caller read it (stale expected_current)."""
+
+    exit_code = 4
 
     def __init__(self, message: str, found: str | None, expected: str | None) -> None:
         super().__init__(message)

@@ -73,6 +73,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from joiner.errors import CtrstreamError
 from learners.archive import ONLINE_P, ExampleArchive, to_examples
 from learners.metrics import ProgressiveMetrics, log_loss, normalized_entropy
 from learners.model import MODELS, Models
@@ -88,8 +89,10 @@ PUBLISH_ATTEMPTS = 5  # pointer flips tried while the learn flow keeps publishin
 EVALUATIONS = ("progressive", "frozen")
 
 
-class NoArchive(LookupError):
+class NoArchive(CtrstreamError, LookupError):
     """The archive holds no examples for that date."""
+
+    exit_code = 2
 
     def __init__(self, date: str, root: str, days: list[str]) -> None:
         shown = ", ".join(days[-10:]) if days else "none"
@@ -99,8 +102,10 @@ class NoArchive(LookupError):
         self.date, self.root, self.days = date, root, days
 
 
-class RetrainConflict(RuntimeError):
+class RetrainConflict(CtrstreamError, RuntimeError):
     """Another publisher than the learn flow made a version current while the retrain ran."""
+
+    exit_code = 4
 
     def __init__(self, message: str, version: str, found: str | None) -> None:
         super().__init__(message)
