@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flows.config import GeneratorConfig
+from flows.metrics import write_json
 
 IMPRESSIONS, CLICKS = 0, 1
 MS_PER_DAY = 86_400_000
@@ -529,9 +530,7 @@ class EventStream:
 
 def write_manifest(truth_dir: str | Path, manifest: dict) -> Path:
     path = Path(truth_dir) / MANIFEST_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
-    tmp.replace(path)
+    write_json(path, manifest, indent=True)
     return path
 
 

@@ -12,17 +12,16 @@ shuffle, and bytewax's snapshot of a partition is a few offsets, not the buffere
 from __future__ import annotations
 
 import logging
-import os
 import time
 from datetime import datetime
 from pathlib import Path
 
 import bytewax.operators as op
-import orjson
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
+from features.scheduler import DONE, WATERMARK
 from features.spec import FeatureSpec
 from flows import features_ops as fo
 from flows import metrics
@@ -153,7 +152,7 @@ class _JoinPartition(StatefulSourcePartition):
         if j.signals:
             # Everything before the watermark has been joined here: the counters may apply
             # this partition's signals up to it (all of them once it is done).
-            out.append((fo.WATERMARK, None, fo.DONE if self.done else j.watermark))
+            out.append((WATERMARK, None, DONE if self.done else j.watermark))
         if self.done or now - self.last_log >= cfg.join.log_interval_s:
             self._report(now)
         return errors + [self._record(r) for r in out]
@@ -183,7 +182,7 @@ class _JoinPartition(StatefulSourcePartition):
             return EXAMPLE, (key, value)
         if kind in (SEEN, CLICKED):
             return SIGNAL, (kind, value)
-        if kind == fo.WATERMARK:
+        if kind == WATERMARK:
             return SIGNAL, (kind, (self.part, value))
         return OUT, (self.cfg.kafka.examples_topic, key, value)
 
@@ -201,10 +200,7 @@ class _JoinPartition(StatefulSourcePartition):
                  stats["impressions_duplicate"], stats["clicks_duplicate"],
                  stats["impressions_dead"], stats["clicks_dead"],
                  ", QUARANTINED" if stats["quarantined"] else "")
-        self.stats_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.stats_path.with_suffix(".tmp")
-        tmp.write_bytes(orjson.dumps(stats))
-        os.replace(tmp, self.stats_path)
+        metrics.write_json(self.stats_path, stats)
         lag = {}
         for topic, stream in self.topics.items():
             n = metrics.consumer_lag(self.consumer, topic, self.part, j.next_offset[stream])

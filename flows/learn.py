@@ -308,11 +308,7 @@ def history_path(cfg: Config) -> Path:
 
 
 def write_stats(cfg: Config, stats: dict) -> None:
-    path = stats_path(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(orjson.dumps(stats, option=orjson.OPT_SERIALIZE_NUMPY))
-    tmp.replace(path)
+    metrics.write_json(stats_path(cfg), stats)
 
 
 def start_offsets(cfg: Config) -> dict[int, int]:

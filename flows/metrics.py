@@ -322,6 +322,17 @@ def consumer_lag(consumer, topic: str, part: int, next_offset: int) -> int | Non
     return max(high - next_offset, 0) if high >= 0 else None
 
 
+def write_json(path: Path, obj, *, indent: bool = False) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically: a reader sees the old file or the new one,
+    never half of one (a temporary file beside it, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY
+                                 | (orjson.OPT_INDENT_2 if indent else 0)))
+    tmp.replace(path)
+
+
 def append_history(path: Path, record: dict) -> None:
     """Append one JSON line; a file past HISTORY_MAX_BYTES becomes ``<path>.1`` first."""
     path.parent.mkdir(parents=True, exist_ok=True)
