@@ -7,6 +7,9 @@ import argparse
 import logging
 import sys
 
+import redis
+from redis.exceptions import RedisClusterException
+
 from ctrstream import (
     doctor,
     embeddings,
@@ -18,7 +21,9 @@ from ctrstream import (
     score,
     stack,
 )
-from flows.config import ConfigError, load_config
+from features.store import redact_url
+from flows.config import Config, load_config
+from joiner.errors import CtrstreamError
 
 # The modules that add subcommands, in the order `--help` lists them.
 COMMANDS = [stack, produce, run, features, score, doctor, embeddings, retrain, report]
@@ -45,15 +50,26 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    cfg = None
     try:
         cfg = load_config(args.config)
-    except ConfigError as e:
-        print(f"ctrstream: config error: {e}", file=sys.stderr)
-        return 2
-    try:
         return int(args.func(args, cfg) or 0)
+    except CtrstreamError as e:  # exit codes: joiner/errors.py
+        print(f"ctrstream: {e}", file=sys.stderr)
+        return e.exit_code
+    except (redis.RedisError, RedisClusterException) as e:
+        print(f"ctrstream: {redis_problem(cfg, e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+
+
+def redis_problem(cfg: Config, e: Exception) -> str:
+    """One line on a Redis error, with the URL's password hidden."""
+    where = redact_url(cfg.redis.url)
+    if isinstance(e, redis.ConnectionError | redis.TimeoutError | RedisClusterException):
+        return f"cannot reach Redis at {where}: {e}"
+    return f"Redis at {where}: {type(e).__name__}: {e}"
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ctrstream.text import age
 from flows.config import ENV_PREFIX, Config
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
@@ -211,18 +212,9 @@ def check_model_store(cfg: Config) -> Check:
                      "or deleted)", "publish a version again: restart the learn flow or run "
                      "`ctrstream retrain`")
     created = meta.get("created_ms")
-    age = "" if not isinstance(created, int) else \
-        f", created {_ago(time.time() - created / 1000)} ago"
-    return Check(OK, "model store", f"{ms.pointer_key} -> version {current}{age}")
-
-
-def _ago(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+    when = "" if not isinstance(created, int) else \
+        f", created {age(time.time() - created / 1000)}"
+    return Check(OK, "model store", f"{ms.pointer_key} -> version {current}{when}")
 
 
 def run_checks(cfg: Config, source: str, timeout_s: float = 3.0) -> list[Check]:

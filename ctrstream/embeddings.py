@@ -30,8 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 import orjson
 
-from ctrstream.features import _age, _iso
-from ctrstream.score import guarded
+from ctrstream.text import age, iso
 from flows.config import Config
 from learners.embeddings import FALLBACK_PREFIX, serving_keys
 from learners.publish import ModelStore, ModelStoreError, Rows, _decode_rows, _Layout
@@ -141,7 +140,7 @@ def _row_json(r: ServedRow, version: str, meta: dict, decimals: int | None = Non
             "fallback_row": None if r.own else r.fallback_row,
             "key": r.own_key if r.own else r.fallback_key,
             "updated_ms": r.updated_ms or None,
-            "updated": _iso(r.updated_ms) if r.updated_ms > 0 else None,
+            "updated": iso(r.updated_ms) if r.updated_ms > 0 else None,
             "age_s": time.time() - r.updated_ms / 1000 if r.updated_ms > 0 else None,
             "dim": len(r.vector), "bias": num(r.bias), "vector": [num(x) for x in r.vector],
             "model_source": meta.get("source"), "model_created_ms": meta.get("created_ms")}
@@ -160,7 +159,7 @@ def _get(args: argparse.Namespace, store: ModelStore) -> int:
         return 0
     created = meta.get("created_ms")
     print(f"{args.table} {args.id}  (model version {version}, {meta.get('source', '?')}"
-          + (f", written {_iso(created)}" if created else "") + f"; {store.prefix})")
+          + (f", written {iso(created)}" if created else "") + f"; {store.prefix})")
     if r.own:
         print("row       own row")
     else:
@@ -168,7 +167,7 @@ def _get(args: argparse.Namespace, store: ModelStore) -> int:
               f"than emb_min_count times, or evicted); it is scored with the shared fallback "
               f"row {r.fallback_row}, shown here")
     if r.updated_ms > 0:
-        print(f"updated   {_iso(r.updated_ms)}  ({_age(time.time() - r.updated_ms / 1000)}; "
+        print(f"updated   {iso(r.updated_ms)}  ({age(time.time() - r.updated_ms / 1000)}; "
               "event time of the last example that touched the row)")
     else:
         print("updated   never (no example has touched this row)")
@@ -230,15 +229,14 @@ def _recommend(args: argparse.Namespace, cfg: Config) -> int:
 def run_embeddings(args: argparse.Namespace, cfg: Config) -> int:
     from learners.publish import from_config
 
-    return guarded("embeddings", lambda a, c: _get(a, from_config(c, name=c.learn.store_name)),
-                    args, cfg)
+    return _get(args, from_config(cfg, name=cfg.learn.store_name))
 
 
 def run_recommend(args: argparse.Namespace, cfg: Config) -> int:
     if args.k < 1 or args.candidates < 1:
         print("ctrstream recommend: -k and --candidates must be >= 1", file=sys.stderr)
         return 2
-    return guarded("recommend", _recommend, args, cfg)
+    return _recommend(args, cfg)
 
 
 def register(subparsers) -> None:

@@ -6,25 +6,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from datetime import UTC, datetime
 
 import orjson
-import redis
 
-from features.store import FeatureStore, MetaMissing, SchemaMismatch, from_config, redact_url
+from ctrstream.text import age, iso
+from features.store import FeatureStore, MetaMissing, from_config, redact_url
 from flows.config import Config
-
-
-def _iso(ts_ms: int) -> str:
-    return datetime.fromtimestamp(ts_ms / 1000, UTC).isoformat(timespec="milliseconds")
-
-
-def _age(seconds: float) -> str:
-    s = int(abs(seconds))
-    d, h, m = s // 86_400, s // 3600 % 24, s // 60 % 60
-    text = (f"{d} d {h} h" if d else f"{h} h {m} min" if h else f"{m} min {s % 60} s" if m
-            else f"{abs(seconds):.1f} s")
-    return f"{text} ago" if seconds >= 0 else f"{text} in the future"
 
 
 def _fmt(v) -> str:
@@ -44,7 +31,7 @@ def _get(args: argparse.Namespace, store: FeatureStore) -> int:
     ts, missing = row.pop("_ts"), row.pop("_missing")
     if args.json:
         out = {"entity": args.entity, "id": args.id, "key": store.key(args.entity, args.id),
-               "missing": missing, "ts_ms": ts, "ts": _iso(ts) if ts is not None else None,
+               "missing": missing, "ts_ms": ts, "ts": iso(ts) if ts is not None else None,
                "schema_version": store.schema_version, "features": row}
         sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
@@ -53,7 +40,7 @@ def _get(args: argparse.Namespace, store: FeatureStore) -> int:
     if missing:
         print("missing: not in Redis (never written, or expired); showing the defaults")
     else:
-        print(f"as of {_iso(ts)}  ({_age(time.time() - ts / 1000)})")
+        print(f"as of {iso(ts)}  ({age(time.time() - ts / 1000)})")
     print(_table(("feature", "value"), [(k, _fmt(v)) for k, v in row.items()]))
     return 0
 
@@ -77,21 +64,14 @@ def _top(args: argparse.Namespace, store: FeatureStore) -> int:
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
-    where = redact_url(cfg.redis.url)
     try:
         store = from_config(cfg)  # names and version from the meta key
-        return (_get if args.action == "get" else _top)(args, store)
     except MetaMissing:
-        print(f"ctrstream features: no feature store on {where} (no {cfg.features.store_prefix}"
-              ":meta key): nothing written yet, or another Redis, db or features.store_prefix",
-              file=sys.stderr)
-        return 1
-    except (redis.ConnectionError, redis.TimeoutError) as e:
-        print(f"ctrstream features: cannot reach Redis at {where}: {e}", file=sys.stderr)
-        return 1
-    except (redis.RedisError, SchemaMismatch) as e:
-        print(f"ctrstream features: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+        raise MetaMissing(f"no feature store on {redact_url(cfg.redis.url)} (no "
+                          f"{cfg.features.store_prefix}:meta key): nothing written yet, or "
+                          "another Redis, db or features.store_prefix") from None
+    try:
+        return (_get if args.action == "get" else _top)(args, store)
     except ValueError as e:  # a bad entity name
         print(f"ctrstream features: {e}", file=sys.stderr)
         return 2

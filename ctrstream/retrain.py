@@ -23,15 +23,12 @@ import time
 from pathlib import Path
 
 import orjson
-import redis
 import torch
 from tqdm import tqdm
 
-from features.store import redact_url
 from flows.config import Config
 from learners.archive import ExampleArchive
 from learners.model import MODELS
-from learners.publish import ModelStoreError
 from learners.publish import from_config as model_store
 from learners.retrain import EVALUATIONS, NoArchive, RetrainResult, retrain
 
@@ -137,22 +134,11 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     pending = corrections_pending(cfg, date)
     if pending:
         log.warning("retrain %s: %s", date, pending)
-    where = redact_url(cfg.redis.url)
     progress = None if args.no_progress else functools.partial(
         tqdm, file=sys.stderr, unit="batch", dynamic_ncols=True, disable=None)
-    try:
-        store = model_store(cfg, name=lc.store_name, keep_days=lc.keep_days)
-        res = retrain(lc, date, store, archive, seed=args.seed, force=args.force,
-                      dry_run=args.dry_run, evaluation=args.eval, progress=progress)
-    except NoArchive as e:
-        print(f"ctrstream retrain: {e}", file=sys.stderr)
-        return 2
-    except (redis.ConnectionError, redis.TimeoutError) as e:
-        print(f"ctrstream retrain: cannot reach Redis at {where}: {e}", file=sys.stderr)
-        return 1
-    except (redis.RedisError, ModelStoreError, LookupError) as e:
-        print(f"ctrstream retrain: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    store = model_store(cfg, name=lc.store_name, keep_days=lc.keep_days)
+    res = retrain(lc, date, store, archive, seed=args.seed, force=args.force,
+                  dry_run=args.dry_run, evaluation=args.eval, progress=progress)
     if pending:
         res.warnings.append(pending)
     if args.json:

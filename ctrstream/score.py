@@ -8,35 +8,16 @@ import sys
 import time
 
 import orjson
-import redis
 
-from features.store import MetaMissing, SchemaMismatch, redact_url
+from features.spec import split_names
 from flows.config import Config
-from learners.publish import ModelStoreError
 from learners.scorer import Scorer
 
 MODELS = ("emb", "bopr", "ftrl")
 
 
-def guarded(name: str, fn, args: argparse.Namespace, cfg: Config) -> int:
-    """``fn(args, cfg)``, with Redis and model-store errors said in a line (exit 1)."""
-    try:
-        return fn(args, cfg)
-    except (redis.ConnectionError, redis.TimeoutError) as e:
-        print(f"ctrstream {name}: cannot reach Redis at {redact_url(cfg.redis.url)}: {e}",
-              file=sys.stderr)
-        return 1
-    except (ModelStoreError, MetaMissing, SchemaMismatch, redis.RedisError) as e:
-        print(f"ctrstream {name}: {e}", file=sys.stderr)
-        return 1
-
-
 def run(args: argparse.Namespace, cfg: Config) -> int:
-    return guarded("score", _score, args, cfg)
-
-
-def _score(args: argparse.Namespace, cfg: Config) -> int:
-    items = [i.strip() for i in args.items.split(",") if i.strip()]
+    items = split_names(args.items)
     if not items:
         print("ctrstream score: --items needs at least one item id", file=sys.stderr)
         return 2

@@ -10,7 +10,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -268,12 +267,8 @@ def _cmd(args: argparse.Namespace, cfg: Config) -> int:
     cfg = stack.config(cfg)
     where = {"kafka": cfg.kafka.bootstrap_servers, "redis": cfg.redis.url}
     if args.action == "up":
-        try:
-            pids = stack.up()
-            topics = create_topics(cfg)
-        except StackError as e:
-            print(f"ctrstream stack up: {e}", file=sys.stderr)
-            return 1
+        pids = stack.up()
+        topics = create_topics(cfg)
         for c in stack.components:
             print(f"{c.name:6} pid {pids[c.name]:<8} {where[c.name]:28} log {c.log_file}")
         print("topics " + ", ".join(f"{t} ({n} partitions)" for t, n in topics.items()))
