@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from features.counters import TILES, EntityCounters
 from features.derived import BetaPrior, derived_features, log_bucket
 from features.spec import FeatureSpec, window_label
-from flows.config import load_config
 from joiner.events import Impression
 
 MIN, HOUR = 60_000, 3_600_000
@@ -102,21 +101,6 @@ def test_spec_ids_names_and_labels():
         FeatureSpec(windows_ms=(60_000, 60_000))
     with pytest.raises(ValueError, match="shorter"):
         FeatureSpec(windows_ms=(5,))
-
-
-def test_spec_from_config_adds_and_removes_entities(tmp_path):
-    f = tmp_path / "c.toml"
-    f.write_text('[features]\nwindows_ms = [30000, 3600000]\n'
-                 '[features.entities]\nuser_device = "user_id, device"\ncategory = ""\n')
-    spec = FeatureSpec.from_config(load_config(f, environ={}).features)
-    assert spec.entities["user_device"] == ("user_id", "device")
-    assert "category" not in spec.entities and "user" in spec.entities
-    assert spec.feature_names()[:2] == ["imp_30s", "clk_30s"]
-    im = Impression("x", 5, "u", "i", {"device": "mobile"})
-    assert ("user_device", "u|mobile") in spec.entity_ids(im)
-    bad = load_config(environ={"CTRSTREAM_FEATURES__TILES_PER_WINDOW": "0"}).features
-    with pytest.raises(ValueError, match="features.tiles_per_window"):
-        FeatureSpec.from_config(bad)
 
 
 # -- windows against a recount ----------------------------------------------------------------
@@ -431,33 +415,3 @@ def test_log_buckets_and_derived():
     assert (got["imp_1h_lb"], got["clk_1h_lb"], got["imp_5m_lb"]) == (6, 2, 0)
     assert got["imp_1h"] == 40
 
-
-def test_counters_step_resumed_from_its_snapshot_gives_the_same_output(monkeypatch):
-    # The bytewax step around the counters (flows/features_ops.py): the same signals in
-    # batches, once straight through and once with a snapshot, pickle and resume halfway.
-    from ctrstream.stack import free_port
-    from flows.config import Config
-    from flows.features_ops import PIT, WATERMARK, CountersLogic
-    from joiner.join import CLICKED, SEEN
-
-    cfg = Config().replace(redis={"url": f"redis://127.0.0.1:{free_port()}/0"})  # nobody there
-    # not asked: a failed check would count into the process's join Redis-error metric
-    monkeypatch.setattr(CountersLogic, "_redis_lost", lambda self, now: False)
-    spec = FeatureSpec.from_config(cfg.features)
-    batches = []
-    for kind, im, ts in _stream(7, 3000, 5_000, lateness=MIN):
-        batches.append([(SEEN, im) if kind == 0 else (CLICKED, (im, ts)),
-                        (WATERMARK, (len(batches) % 2, ts - MIN))])
-    batches = [sum(batches[i:i + 40], []) for i in range(0, len(batches), 40)]
-
-    def run(logic, part):  # the point-in-time snapshots, in order
-        return [v for b in part for k, v in logic.on_batch(b)[0] if k == PIT]
-
-    whole = CountersLogic(cfg, spec, 2, None)
-    straight = run(whole, batches)
-    first = CountersLogic(cfg, spec, 2, None)
-    half = run(first, batches[:len(batches) // 2])
-    resumed = CountersLogic(cfg, spec, 2, pickle.loads(pickle.dumps(first.snapshot())))
-    # (Redis rows may differ: a restored step looks at every entity again, see `restore`.)
-    assert half + run(resumed, batches[len(batches) // 2:]) == straight
-    assert len(straight) > 1000 and resumed.counters._entities == whole.counters._entities

@@ -1,0 +1,193 @@
+"""The point-in-time scheduler driven with plain lists of signals, as the join partitions send
+them: event-time order across partitions, the watermark, the snapshot delay, recovery."""
+
+from __future__ import annotations
+
+import pickle
+import random
+
+import orjson
+import pytest
+
+from features.scheduler import DONE, WATERMARK, PointInTimeScheduler
+from features.spec import FeatureSpec, window_label
+from joiner.events import Impression
+from joiner.join import CLICKED, SEEN
+
+SEC, MIN, HOUR = 1000, 60_000, 3_600_000
+SPEC = FeatureSpec(entities={"user": ("user_id",), "item": ("item_id",)},
+                   windows_ms=(MIN, HOUR))
+LATENESS, DELAY = 10 * SEC, 4 * SEC  # counted up to 6 s ahead, snapshots 4 s behind
+
+
+def imp(ts, user="u1", item="i1", iid=None):
+    return Impression(iid or f"{user}-{ts}", ts, user, item, {})
+
+
+def scheduler(partitions=1, resume=None):
+    return PointInTimeScheduler(SPEC, partitions, LATENESS, DELAY, resume)
+
+
+def counts(pits):
+    return {i: orjson.loads(j) for i, j in pits}
+
+
+def recount(events, im):
+    """The oracle: every event of the impression's entities in [ts - w, ts)."""
+    out = {}
+    for name, eid in SPEC.entity_ids(im):
+        vals = {}
+        for w in SPEC.windows_ms:
+            for prefix, kind in (("imp", SEEN), ("clk", CLICKED)):
+                vals[f"{prefix}_{window_label(w)}"] = sum(
+                    1 for k, e, ts in events if k == kind and im.ts - w <= ts < im.ts
+                    and dict(SPEC.entity_ids(e))[name] == eid)
+        out[name] = vals
+    return out
+
+
+def partitioned_batches(seed, n=600, partitions=2, batch=7):
+    """(events, batches): impressions and their clicks spread over the partitions by id; each
+    partition's signals in its own arrival order (jittered up to 3 s, clicks after their
+    impression) cut into batches, each followed by the partition's watermark (the lowest ts
+    still to come from it, DONE at its end); the partitions' batches interleave at random,
+    one partition running far ahead of the other."""
+    rng = random.Random(seed)
+    events, arrivals, ts = [], [[] for _ in range(partitions)], 0
+    for i in range(n):
+        ts += rng.randrange(0, 2 * SEC)
+        im = imp(ts, user=f"u{rng.randrange(20)}", item=f"i{rng.randrange(20)}", iid=str(i))
+        part, key = i % partitions, ts + rng.randrange(3 * SEC)
+        events.append((SEEN, im, ts))
+        arrivals[part].append((key, i, (SEEN, im), ts))
+        if rng.random() < 0.3:
+            cts = ts + rng.randrange(20 * SEC)
+            events.append((CLICKED, im, cts))
+            arrivals[part].append((max(cts + rng.randrange(3 * SEC), key), i, (CLICKED, (im, cts)),
+                                   cts))
+    queues = []
+    for arr in arrivals:
+        arr.sort()
+        cuts = []
+        for j in range(0, len(arr), batch):
+            rest = [a[3] for a in arr[j + batch:]]
+            part = len(queues)
+            wm = min(rest) if rest else DONE
+            cuts.append([a[2] for a in arr[j:j + batch]] + [(WATERMARK, (part, wm))])
+        queues.append(cuts)
+    out = []
+    while any(queues):
+        # partition 1 reads four batches for each of partition 0's: it runs ahead
+        weights = [1 if p == 0 else 4 for p, q in enumerate(queues) if q]
+        live = [q for q in queues if q]
+        out.append(rng.choices(live, weights)[0].pop(0))
+    return events, out
+
+
+def run(s, batches):
+    pits = []
+    for b in batches:
+        pits += s.push(b)[0]
+    return pits
+
+
+def test_snapshots_are_a_recount_strictly_before_whatever_the_arrival_order():
+    events, batches = partitioned_batches(1)
+    pits = run(scheduler(partitions=2), batches)
+    imps = {e.impression_id: e for k, e, _ in events if k == SEEN}
+    assert sorted(i for i, _ in pits) == sorted(imps)  # each exactly once
+    got = counts(pits)
+    for iid, im in imps.items():
+        assert got[iid] == recount(events, im), iid
+    ts = [imps[i].ts for i, _ in pits]
+    assert ts == sorted(ts)  # in event-time order
+    assert sum(v["user"]["clk_1m"] for v in got.values()) > 50  # clicks were counted
+
+
+def test_the_lowest_partition_watermark_holds_snapshots_back():
+    s = scheduler(partitions=2)
+    assert s.push([(SEEN, imp(100 * SEC)), (WATERMARK, (0, 200 * SEC))]) == ([], [])
+    # partition 1 has not reported: nothing is counted or snapshotted yet
+    assert s.push([(WATERMARK, (1, 90 * SEC))]) == ([], [])
+    # a watermark never goes back
+    assert s.push([(WATERMARK, (0, 0)), (WATERMARK, (1, 94 * SEC))])[1] != []  # counted
+    assert s.push([(WATERMARK, (1, 103_999))])[0] == []
+    assert [i for i, _ in s.push([(WATERMARK, (1, 104 * SEC))])[0]] == ["u1-100000"]
+
+
+def test_counts_leave_out_the_impression_itself_and_anything_later():
+    s = scheduler()
+    t = 100 * SEC
+    before, it = imp(t - 30 * SEC), imp(t)
+    pits, _ = s.push([
+        (SEEN, imp(t + SEC)),  # later, arrived first
+        (CLICKED, (before, t + 500)),  # later click on an earlier impression
+        (SEEN, imp(t, iid="same-ms")),  # at the same millisecond
+        (CLICKED, (it, t)),  # its own click
+        (SEEN, before), (CLICKED, (before, t - SEC)),
+        (SEEN, it), (WATERMARK, (0, DONE))])
+    one = {"imp_1m": 1, "clk_1m": 1, "imp_1h": 1, "clk_1h": 1}
+    assert counts(pits)["u1-100000"] == {"user": one, "item": one}
+
+
+def test_snapshot_waits_pit_delay_while_counting_runs_ahead():
+    s = scheduler()
+    t = 100 * SEC
+    s.push([(SEEN, imp(t, user="u2")), (WATERMARK, (0, t - 6 * SEC - 1))])
+    assert s.push([]) == ([], [])  # beyond lateness - delay past the watermark: waits
+    pits, rows = s.push([(WATERMARK, (0, t - 6 * SEC))])
+    assert pits == [] and {(e, i) for e, i, _, _ in rows} == {("user", "u2"), ("item", "i1")}
+    # an impression arriving 1.5 s behind the watermark is still in the snapshot of its
+    # neighbour, counted before it went out
+    assert s.push([(WATERMARK, (0, t + 500))]) == ([], [])
+    pits, _ = s.push([(SEEN, imp(t - SEC, user="u3")), (WATERMARK, (0, t + 4 * SEC - 1))])
+    assert [i for i, _ in pits] == ["u3-99000"]  # its own delay has passed
+    pits, _ = s.push([(WATERMARK, (0, t + 4 * SEC))])
+    assert counts(pits) == {"u2-100000": {
+        "user": {"imp_1m": 0, "clk_1m": 0, "imp_1h": 0, "clk_1h": 0},
+        "item": {"imp_1m": 1, "clk_1m": 0, "imp_1h": 1, "clk_1h": 0}}}
+
+
+def test_done_partitions_flush_everything():
+    events, batches = partitioned_batches(2, n=200, partitions=3)
+    s = scheduler(partitions=3)
+    pits = run(s, [[sig for sig in b if sig[0] != WATERMARK] for b in batches])
+    assert pits == []  # no watermark, nothing out
+    pits, _ = s.push([(WATERMARK, (p, DONE)) for p in range(3)])
+    assert len(pits) == 200 and s.waiting == s.snapshots == []
+
+
+def test_resumed_from_its_state_midway_gives_the_same_snapshots():
+    _, batches = partitioned_batches(3, n=3000)
+    batches = [sum(batches[i:i + 5], []) for i in range(0, len(batches), 5)]
+    half = len(batches) // 2
+    whole = scheduler(partitions=2)
+    straight = run(whole, batches)
+    first = scheduler(partitions=2)
+    before = run(first, batches[:half])
+    assert first.snapshots and first.waiting  # stopped with snapshots and signals pending
+    resumed = scheduler(partitions=2, resume=pickle.loads(pickle.dumps(first.state())))
+    # (rows may differ: restored counters look at every entity again, see `restore`)
+    assert before + run(resumed, batches[half:]) == straight
+    assert len(straight) == 3000 and resumed.counters._entities == whole.counters._entities
+
+
+def test_quiet_entities_get_stale_rows_then_all_rows_on_demand():
+    s = scheduler()
+    _, rows = s.push([(SEEN, imp(0, user="quiet", item="a")), (SEEN, imp(SEC, user="busy")),
+                      (WATERMARK, (0, SEC))])
+    assert ("user", "quiet") in {(e, i) for e, i, _, _ in rows}
+    _, rows = s.push([(SEEN, imp(30 * SEC, user="busy")), (WATERMARK, (0, 30 * SEC))])
+    assert {(e, i) for e, i, _, _ in rows} == {("user", "busy"), ("item", "i1")}
+    # the quiet user's impression leaves its 1-minute window as of 60.001 s
+    _, rows = s.push([(SEEN, imp(MIN + 1, user="busy")), (WATERMARK, (0, MIN + 1))])
+    stale = {(e, i): (v, ts) for e, i, v, ts in rows}
+    assert stale[("user", "quiet")] == (
+        {"imp_1m": 0, "clk_1m": 0, "imp_1h": 1, "clk_1h": 0}, MIN + 1)
+    assert {(e, i) for e, i, _, _ in s.all_rows()} == {
+        ("user", "quiet"), ("user", "busy"), ("item", "a"), ("item", "i1")}
+
+
+def test_pit_delay_must_fit_in_the_lateness():
+    with pytest.raises(ValueError, match="pit_delay_ms"):
+        PointInTimeScheduler(SPEC, 1, allowed_lateness_ms=SEC, pit_delay_ms=2 * SEC)
