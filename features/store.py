@@ -29,7 +29,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 Number = int | float
 Row = dict[str, Number | bool | None]
+T = TypeVar("T")
 
 META_CHECK_S = 10.0  # a writer checks that the meta key is still there this often
 
@@ -332,6 +333,45 @@ def _scrub(text: str, secret: str | None) -> str:
     return text.replace(secret, "***") if secret else text
 
 
+def until_done(what: str, fn: Callable[[], T], *, client=None,
+               on_error: Callable[[], None] | None = None, give_up_s: float = 0.0,
+               initial_s: float = 0.05, max_s: float = 2.0,
+               clock: Callable[[], float] = time.monotonic,
+               sleep: Callable[[float], None] = time.sleep) -> T:
+    """``fn()``, tried again with exponential backoff while Redis fails: an outage holds the
+    caller (and so the reading of its input) back, never crashes it. With ``give_up_s`` > 0,
+    raises `StoreUnavailable` after that long instead. ``what`` leads every log line;
+    ``client``'s password is scrubbed from them; ``on_error`` is called on each failure (a
+    metric). The one retry loop of every Redis writer: the feature writer and the online
+    trainer."""
+    attempt, started = 0, clock()
+    while True:
+        try:
+            result = fn()
+        except redis.DataError:  # a value Redis cannot take: retrying will not help
+            raise
+        except redis.RedisError as e:
+            attempt += 1
+            if on_error is not None:
+                on_error()
+            waited = clock() - started
+            why = _scrub(f"{type(e).__name__}: {e}", _password(client))
+            if give_up_s and waited >= give_up_s:
+                msg = f"{what}: Redis failed for {waited:.1f} s ({attempt} attempts): {why}"
+                log.error("%s", msg)
+                raise StoreUnavailable(msg) from None
+            delay = min(initial_s * 2 ** (attempt - 1), max_s)
+            if give_up_s:
+                delay = min(delay, give_up_s - waited)
+            log.warning("%s: attempt %d failed (Redis failing for %.1f s), retrying in %.2f s: "
+                        "%s", what, attempt, waited, delay, why)
+            sleep(delay)
+        else:
+            if attempt:
+                log.info("%s: done after %d failed attempts", what, attempt)
+            return result
+
+
 class BufferedWriter:
     """Coalesces feature updates and writes them to a `FeatureStore` in batches.
 
@@ -397,35 +437,12 @@ class BufferedWriter:
         if not self._values:
             self._last_flush = self._clock()
             return 0
-        started = self._clock()
-        attempt = 0
-        while True:
-            try:
-                self.store.write_many(self._values, self._ts)
-                break
-            except redis.DataError:  # a value Redis cannot take: retrying will not help
-                raise
-            except redis.RedisError as e:
-                attempt += 1
-                waited = self._clock() - started
-                why = _scrub(f"{type(e).__name__}: {e}", _password(self.store.client))
-                if self.give_up_s and waited >= self.give_up_s:
-                    msg = (f"feature store {self.store.where} unreachable for {waited:.1f} s "
-                           f"({attempt} attempts, {len(self._values)} entities kept "
-                           f"pending): {why}")
-                    log.error("%s", msg)
-                    raise StoreUnavailable(msg) from None
-                delay = min(self.backoff_initial_s * 2 ** (attempt - 1), self.backoff_max_s)
-                if self.give_up_s:
-                    delay = min(delay, self.give_up_s - waited)
-                log.warning("feature store %s: write of %d entities failed (attempt %d), "
-                            "retrying in %.2f s: %s", self.store.where, len(self._values),
-                            attempt, delay, why)
-                self._sleep(delay)
-        if attempt:
-            log.info("feature store %s: write succeeded after %d failed attempts",
-                     self.store.where, attempt)
         n = len(self._values)
+        until_done(f"feature store {self.store.where}, {n} entities kept pending",
+                   lambda: self.store.write_many(self._values, self._ts),
+                   client=self.store.client, give_up_s=self.give_up_s,
+                   initial_s=self.backoff_initial_s, max_s=self.backoff_max_s,
+                   clock=self._clock, sleep=self._sleep)
         self._values, self._ts = {}, {}
         self._last_flush = self._clock()
         self.flushes += 1

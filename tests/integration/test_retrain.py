@@ -361,10 +361,10 @@ def test_publishes_over_the_learn_flows_version_but_not_another_retrains(
     ttl_ms = store.client.pttl(store.key(store.racer, "keys"))
     assert 0 < ttl_ms <= cfg.learn.online_keep_hours * 3_600_000
     # The learn flow's next push finds the pointer moved, and continues from the retrain's.
-    logic.next_push = 0
+    logic.trainer.next_push = 0
     logic.on_notify()
-    assert logic.version == res.version
-    assert logic.models.to_bytes() == res.models.to_bytes()
+    assert logic.trainer.version == res.version
+    assert logic.trainer.models.to_bytes() == res.models.to_bytes()
 
     cfg = configs("b", max_ne_regression=1.0)
     fill(cfg, sim)
@@ -437,10 +437,10 @@ def test_two_days_retrain_at_the_boundary_beats_online_only_on_day_two(configs, 
     cfg = configs(hash_bits=20, push_interval_s=1e6, snapshot_interval_s=1e6,
                        log_interval_s=1e6)
     logic = LearnLogic(cfg, None)
-    first = logic.version
+    first = logic.trainer.version
     _feed(logic, _stream(sim, MIDNIGHT, day2))
     logic.snapshot()  # an epoch ends: the archive is flushed
-    online_only = Models.from_bytes(cfg.learn, logic.models.to_bytes())
+    online_only = Models.from_bytes(cfg.learn, logic.trainer.models.to_bytes())
     t_day1 = time.perf_counter()
 
     assert run_cli(cfg, tmp_path, "--date", DAY) == 0
@@ -448,9 +448,9 @@ def test_two_days_retrain_at_the_boundary_beats_online_only_on_day_two(configs, 
     store = store_of(cfg)
     retrained = store.current()
     assert retrained != first and store.get_meta(retrained)["source"] == "retrain"
-    logic.next_push = 0  # the learn flow's next push finds the pointer moved ...
+    logic.trainer.next_push = 0  # the learn flow's next push finds the pointer moved ...
     logic.on_notify()
-    assert logic.version == retrained  # ... and continues from the retrain's version
+    assert logic.trainer.version == retrained  # ... and continues from the retrain's version
 
     day2_examples = [e for e in sim.examples if e["ts"] >= day2]
     p_true = sim.p[len(sim.examples) - len(day2_examples):]
