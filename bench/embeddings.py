@@ -49,12 +49,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition  # noqa: 
 from embeddings_core import run_online, run_peer, stream  # noqa: E402
 
 from ctrstream.stack import LocalStack, create_topics, free_port  # noqa: E402
-from flows.config import Config, LearnConfig  # noqa: E402
+from features.spec import FeatureSpec  # noqa: E402
+from flows.build import model_store  # noqa: E402
+from flows.config import Config  # noqa: E402
 from flows.kafka import make_producer  # noqa: E402
 from learners.embeddings import EmbeddingLearner  # noqa: E402
-from learners.model import MICRO_BATCH, Models  # noqa: E402
+from learners.model import MICRO_BATCH, Models, ModelSettings  # noqa: E402
 from learners.publish import ModelStore, ModelStoreError  # noqa: E402
-from learners.publish import from_config as model_store  # noqa: E402
 
 # The peer's torch.optim.Adagrad on sparse grads warns once about invariant checks.
 warnings.filterwarnings("ignore", message="Sparse invariant checks")
@@ -80,7 +81,7 @@ def online(ex: list[dict], repeat: int) -> None:
           f" ({len(learner.users):,} user, {len(learner.items):,} item rows at the end)")
 
     def models() -> float:
-        m = Models(LearnConfig())
+        m = Models(ModelSettings(), FeatureSpec())
         t = time.perf_counter()
         m.learn(ex)
         return len(ex) / (time.perf_counter() - t)
@@ -100,7 +101,7 @@ def retrain(ex: list[dict], repeat: int, batch: int) -> None:
         return len(ex) / (time.perf_counter() - t)
 
     def models() -> float:
-        m = Models(LearnConfig(retrain_batch_size=batch))
+        m = Models(ModelSettings(retrain_batch_size=batch), FeatureSpec())
         t = time.perf_counter()
         m.train_epoch(ex, seed=0)
         return len(ex) / (time.perf_counter() - t)
@@ -146,7 +147,7 @@ def push_latency(base: Config, tmp: Path, push_s: float, rate: float, seconds: f
     path = tmp / f"{tag}.toml"
     path.write_text(cfg.to_toml())
     log_path = tmp / f"learn-{tag}.log"
-    store = model_store(cfg, name=cfg.learn.store_name)
+    store = model_store(cfg)
     floor = Floor(cfg, cfg.kafka.examples_topic, cfg.kafka.partitions)
     floor.start()
     producer = make_producer(cfg)
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     if "2" in args.parts or "3" in args.parts:
         on_stack(args, seconds, rows, ex[:10_000])
     if "4" in args.parts:
-        retrain(ex, repeat, LearnConfig().retrain_batch_size)
+        retrain(ex, repeat, ModelSettings().retrain_batch_size)
 
 
 def on_stack(args: argparse.Namespace, seconds: float, rows: int, template: list[dict]) -> None:

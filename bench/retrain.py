@@ -33,11 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.test_retrain import DAY, MIDNIGHT, simulate  # noqa: E402
 
 from ctrstream.stack import Component, free_port  # noqa: E402
-from flows.config import LearnConfig  # noqa: E402
 from learners.archive import ExampleArchive  # noqa: E402
 from learners.model import Models  # noqa: E402
 from learners.publish import ModelStore  # noqa: E402
-from learners.retrain import retrain  # noqa: E402
+from learners.retrain import RetrainSettings, retrain  # noqa: E402
 
 
 def main() -> None:
@@ -56,9 +55,9 @@ def main() -> None:
           f"in the window, {len(sim.corrections):,} late clicks; simulated in "
           f"{time.perf_counter() - t:.1f} s; {os.cpu_count()} CPUs, torch threads "
           f"{args.threads}\n")
-    lc = LearnConfig()
+    settings = RetrainSettings()  # the default config's
 
-    online = Models(lc)
+    online = Models(settings.models, settings.spec)
     t = time.perf_counter()
     online.learn(sim.examples, annotate=True)
     online_s = time.perf_counter() - t
@@ -71,7 +70,7 @@ def main() -> None:
     server.start(20)
     try:
         store = ModelStore(redis.Redis(port=server.port), keep_days=1)
-        res = retrain(lc, DAY, store, archive, force=True)
+        res = retrain(settings, DAY, store, archive, force=True)
     finally:
         server.stop()
 

@@ -27,13 +27,12 @@ from ctrstream.simulator import (
     read_truth,
 )
 from ctrstream.stack import LocalStack, create_topics
-from features.store import from_config
+from flows.build import feature_store, scorer
 from flows.config import load_config
 from flows.kafka import read_topics
 from flows.learn import stats_path
 from flows.run import run_flow
 from learners.metrics import entropy
-from learners.scorer import Scorer
 
 
 def show_features(cfg, examples: list[dict]) -> None:
@@ -43,7 +42,7 @@ def show_features(cfg, examples: list[dict]) -> None:
         users[e["user_id"]] = users.get(e["user_id"], 0) + 1
     user = max(users, key=users.get)
     last = next(e for e in reversed(examples) if e["user_id"] == user)
-    row = from_config(cfg).get("user", user)
+    row = feature_store(cfg).get("user", user)
     names = [n for n in row if not n.startswith("_")]
     print(f"== real-time counts of user {user} ({users[user]} impressions in the hour)")
     print(f"   {'feature':10} {'on its last example':>20} {'in Redis':>10}  (Redis: as of the "
@@ -76,7 +75,7 @@ def show_learning(cfg, truth, examples: list[dict], user: str) -> None:
         if len(items) == 5:
             break
     context = {"device": "mobile", "position": 0, "hour": 20}
-    scores = Scorer.from_config(cfg).score(user, items, context)
+    scores = scorer(cfg).score(user, items, context)
     scores.sort(key=lambda s: s["emb"], reverse=True)
     print(f"== scores of user {user} for 5 items, read back from Redis ({context})")
     print(f"   {'item':10} {'emb':>8} {'bopr':>8} {'ftrl':>8}")

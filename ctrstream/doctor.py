@@ -121,13 +121,14 @@ def check_redis(cfg: Config):
     """(Check, client or None): does Redis answer a PING with these credentials?"""
     import redis
 
-    from features.store import connect, redact_url
+    from features.store import redact_url
+    from flows.build import redis_client
 
     where = redact_url(cfg.redis.url)
     secret = cfg.redis.password or urlsplit(cfg.redis.url).password
     client = None
     try:
-        client = connect(cfg)
+        client = redis_client(cfg)
         client.ping()
     except redis.AuthenticationError as e:
         _close(client)
@@ -156,13 +157,13 @@ def _close(client) -> None:
 
 def check_feature_store(cfg: Config) -> Check:
     """The store's meta key against the schema this code's join flow writes."""
-    from features.spec import FeatureSpec
-    from features.store import SchemaMismatch, from_config
+    from features.store import SchemaMismatch
+    from flows.build import feature_spec, feature_store
 
     if not cfg.features.enabled:
         return Check(OK, "feature store", "features.enabled is false: no count features")
-    spec = FeatureSpec.from_config(cfg.features)
-    store = from_config(cfg, spec.feature_names())  # as the join flow's writer makes it
+    spec = feature_spec(cfg)
+    store = feature_store(cfg, spec.feature_names())  # as the join flow's writer makes it
     try:
         raw_version, raw_names = store.client.hmget(store.meta_key, ["version", "features"])
         if raw_version is None:
@@ -193,9 +194,11 @@ def check_feature_store(cfg: Config) -> Check:
 
 
 def check_model_store(cfg: Config) -> Check:
-    from learners.publish import from_config
+    from features.spec import NotCounted
+    from flows.build import feature_spec, model_store
+    from learners.model import check_counted
 
-    ms = from_config(cfg, name=cfg.learn.store_name)
+    ms = model_store(cfg)
     try:
         current = ms.current()
         if current is None:
@@ -211,6 +214,11 @@ def check_model_store(cfg: Config) -> Check:
                      f"{ms.pointer_key} names version {current}, which has no meta (expired "
                      "or deleted)", "publish a version again: restart the learn flow or run "
                      "`ctrstream retrain`")
+    try:
+        check_counted(meta, feature_spec(cfg), f"version {current}")
+    except NotCounted as e:
+        return Check(FAIL, "model store", str(e), "the learn flow will not start on it, and "
+                     "scoring refuses it")
     created = meta.get("created_ms")
     when = "" if not isinstance(created, int) else \
         f", created {age(time.time() - created / 1000)}"

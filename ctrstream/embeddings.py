@@ -31,10 +31,11 @@ import numpy as np
 import orjson
 
 from ctrstream.text import age, iso
+from flows.build import model_store
+from flows.build import scorer as make_scorer
 from flows.config import Config
 from learners.embeddings import FALLBACK_PREFIX, serving_keys
 from learners.publish import ModelStore, ModelStoreError, Rows, _decode_rows, _Layout
-from learners.scorer import Scorer
 
 TABLES = ("user", "item")
 RANK_BY = ("emb", "bopr", "ftrl")
@@ -178,7 +179,7 @@ def _get(args: argparse.Namespace, store: ModelStore) -> int:
 
 
 def _recommend(args: argparse.Namespace, cfg: Config) -> int:
-    scorer = Scorer.from_config(cfg)
+    scorer = make_scorer(cfg)
     store = scorer.models
     context = _context(args)
     t0 = time.perf_counter()
@@ -227,9 +228,7 @@ def _recommend(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def run_embeddings(args: argparse.Namespace, cfg: Config) -> int:
-    from learners.publish import from_config
-
-    return _get(args, from_config(cfg, name=cfg.learn.store_name))
+    return _get(args, model_store(cfg))
 
 
 def run_recommend(args: argparse.Namespace, cfg: Config) -> int:

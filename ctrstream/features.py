@@ -10,7 +10,8 @@ import time
 import orjson
 
 from ctrstream.text import age, iso
-from features.store import FeatureStore, MetaMissing, from_config, redact_url
+from features.store import FeatureStore, MetaMissing, redact_url
+from flows.build import feature_store
 from flows.config import Config
 
 
@@ -65,7 +66,7 @@ def _top(args: argparse.Namespace, store: FeatureStore) -> int:
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     try:
-        store = from_config(cfg)  # names and version from the meta key
+        store = feature_store(cfg)  # names and version from the meta key
     except MetaMissing:
         raise MetaMissing(f"no feature store on {redact_url(cfg.redis.url)} (no "
                           f"{cfg.features.store_prefix}:meta key): nothing written yet, or "

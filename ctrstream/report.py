@@ -331,11 +331,13 @@ def _scan_keys(client, prefix: str, n: int, max_calls: int = 200) -> list[bytes]
 def freshness_figure(cfg: Config, sample: int):
     import redis
 
-    from features.store import connect, redact_url
+    from features.store import redact_url
+    from flows.build import redis_client
 
     title = "Feature freshness: event time since each row was last written"
     try:
-        client = connect(cfg.replace(redis={"socket_timeout_s": 5.0, "connect_timeout_s": 2.0}))
+        client = redis_client(cfg.replace(redis={"socket_timeout_s": 5.0,
+                                                 "connect_timeout_s": 2.0}))
         keys = _scan_keys(client, cfg.features.store_prefix, sample)
         pipe = client.pipeline(transaction=False)
         for k in keys:

@@ -26,10 +26,10 @@ import orjson
 import torch
 from tqdm import tqdm
 
+from flows.build import model_store, retrain_settings
 from flows.config import Config
 from learners.archive import ExampleArchive
 from learners.model import MODELS
-from learners.publish import from_config as model_store
 from learners.retrain import EVALUATIONS, NoArchive, RetrainResult, retrain
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,6 @@ def summary(res: RetrainResult, cfg: Config) -> str:
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
-    lc = cfg.learn
     date = args.date or yesterday_utc()
     root = Path(cfg.data_dir) / "archive"
     if not root.is_dir():  # ExampleArchive would create it; a typo'd data_dir should not
@@ -136,9 +135,9 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         log.warning("retrain %s: %s", date, pending)
     progress = None if args.no_progress else functools.partial(
         tqdm, file=sys.stderr, unit="batch", dynamic_ncols=True, disable=None)
-    store = model_store(cfg, name=lc.store_name, keep_days=lc.keep_days)
-    res = retrain(lc, date, store, archive, seed=args.seed, force=args.force,
-                  dry_run=args.dry_run, evaluation=args.eval, progress=progress)
+    res = retrain(retrain_settings(cfg), date, model_store(cfg), archive, seed=args.seed,
+                  force=args.force, dry_run=args.dry_run, evaluation=args.eval,
+                  progress=progress)
     if pending:
         res.warnings.append(pending)
     if args.json:

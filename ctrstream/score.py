@@ -10,8 +10,8 @@ import time
 import orjson
 
 from features.spec import split_names
+from flows.build import scorer as make_scorer
 from flows.config import Config
-from learners.scorer import Scorer
 
 MODELS = ("emb", "bopr", "ftrl")
 
@@ -23,7 +23,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         return 2
     context = {"device": args.device, "position": args.position,
                "hour": args.hour if args.hour is not None else time.gmtime().tm_hour}
-    scorer = Scorer.from_config(cfg)
+    scorer = make_scorer(cfg)
     t0 = time.perf_counter()
     scores = scorer.score(args.user, items, context)
     ms = (time.perf_counter() - t0) * 1000

@@ -75,17 +75,17 @@ def _bucket(n) -> int:
 class FeatureHasher:
     """Hashes examples to sorted unique feature indices; see the module docstring.
 
-    ``count_features``: True counts the default entities and windows of
-    ``features.spec.FeatureSpec``; a mapping ``{entity: [count name, ...]}`` chooses; False
-    hashes no counts. ``ctr_prior`` (a ``BetaPrior``) adds smoothed-CTR buckets for each
-    ``imp_<w>``/``clk_<w>`` pair (off by default).
+    ``count_features``: a ``FeatureSpec`` hashes its entities and windows (what the
+    counters count); True the default spec's; a mapping ``{entity: [count name, ...]}``
+    chooses; False hashes no counts. ``ctr_prior`` (a ``BetaPrior``) adds smoothed-CTR
+    buckets for each ``imp_<w>``/``clk_<w>`` pair (off by default).
     """
 
     def __init__(
         self,
         bits: int = 20,
         crosses: Iterable[Sequence[str]] = DEFAULT_CROSSES,
-        count_features: bool | Mapping[str, Sequence[str]] = True,
+        count_features: FeatureSpec | bool | Mapping[str, Sequence[str]] = True,
         fields: Sequence[str] = DEFAULT_FIELDS,
         ctr_prior: BetaPrior | None = None,
     ):
@@ -99,8 +99,10 @@ class FeatureHasher:
             if len(c) < 2 or not all(isinstance(f, str) and f for f in c):
                 raise ValueError(f"a cross needs at least two field names, got {c!r}")
         if count_features is True:
-            spec = FeatureSpec()
-            count_features = dict.fromkeys(spec.entities, spec.feature_names())
+            count_features = FeatureSpec()
+        if isinstance(count_features, FeatureSpec):
+            count_features = dict.fromkeys(count_features.entities,
+                                           count_features.feature_names())
         elif not count_features:
             count_features = {}
         self.count_features = {e: tuple(names) for e, names in count_features.items()}

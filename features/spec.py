@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from joiner.errors import CtrstreamError
 from joiner.events import Impression
 
 DEFAULT_ENTITIES = {
@@ -30,6 +31,13 @@ DEFAULT_WINDOWS_MS = (300_000, 3_600_000, 86_400_000)
 ID_SEPARATOR = "|"
 _TOP_LEVEL = {name: i for i, name in enumerate(Impression._fields) if name != "features"}
 _FEATURES = Impression._fields.index("features")
+
+
+class NotCounted(CtrstreamError, ValueError):
+    """Learners were told to read count features that nobody counts: they would read 0 for
+    ever, silently. The message names them."""
+
+    exit_code = 2
 
 
 def split_names(text: str) -> list[str]:
@@ -84,18 +92,29 @@ class FeatureSpec:
                      for name, fields in entities.items())
         object.__setattr__(self, "_plan", plan)
 
+    def to_dict(self) -> dict:
+        """What a reader of the counts needs (entities and windows), as JSON-able data: a
+        model version records it (learners/model.py)."""
+        return {"entities": {name: list(fields) for name, fields in self.entities.items()},
+                "windows_ms": list(self.windows_ms)}
+
     @classmethod
-    def from_config(cls, features) -> FeatureSpec:
-        """From ``Config.features``: ``entities`` maps name -> "field,field" (an empty value
-        drops the entity), ``windows_ms`` and ``tiles_per_window`` as they are. A bad value
-        raises ValueError naming the key (features/ does not import flows/ for ConfigError)."""
-        entities = {name: tuple(split_names(spec))
-                    for name, spec in features.entities.items() if spec.strip()}
-        try:
-            return cls(entities=entities, windows_ms=tuple(features.windows_ms),
-                       tiles_per_window=features.tiles_per_window)
-        except ValueError as e:
-            raise ValueError(f"features.{e}") from None
+    def from_dict(cls, data: dict) -> FeatureSpec:
+        return cls(entities=data["entities"], windows_ms=data["windows_ms"])
+
+    def missing_from(self, counted: FeatureSpec) -> list[str]:
+        """The count features this spec reads that ``counted`` does not count: an entity it
+        lacks (or counts from other fields), and the names of windows it lacks. A learner
+        reading them would read 0 for ever.
+
+        >>> FeatureSpec({"user": ("user_id",), "dh": ("device", "hour")}, (60_000,)).missing_from(
+        ...     FeatureSpec())
+        ['entity dh (device,hour)', 'imp_1m', 'clk_1m']
+        """
+        out = [f"entity {name} ({','.join(fields)})" for name, fields in self.entities.items()
+               if counted.entities.get(name) != fields]
+        have = set(counted.feature_names())
+        return out + [n for n in self.feature_names() if n not in have]
 
     def entity_ids(self, imp: Impression) -> list[tuple[str, str]]:
         """(entity, id) for each entity whose fields the impression all has."""

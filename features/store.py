@@ -29,16 +29,13 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import redis
 
 from joiner.errors import CtrstreamError
-
-if TYPE_CHECKING:
-    from flows.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -449,55 +446,3 @@ class BufferedWriter:
         self.written += n
         return n
 
-
-def connect(cfg: Config) -> redis.Redis:
-    """A redis-py client for ``cfg.redis`` (a RedisCluster when ``redis.cluster``)."""
-    from redis.backoff import ExponentialBackoff
-    from redis.retry import Retry
-
-    from flows.config import ConfigError
-
-    r = cfg.redis
-    kwargs: dict = {
-        "socket_timeout": r.socket_timeout_s or None,
-        "socket_connect_timeout": r.connect_timeout_s or None,
-        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), r.retries),
-    }
-    if r.username:
-        kwargs["username"] = r.username
-    if r.password:
-        kwargs["password"] = r.password
-    if r.ssl:
-        kwargs["ssl"] = True
-    if r.ssl_ca_certs:
-        # redis-py refuses a CA for a plain-text connection with a TypeError; say why instead.
-        if not (r.ssl or r.url.startswith("rediss://")):
-            raise ConfigError("redis.ssl_ca_certs is set but the connection is plain text: "
-                              "use a rediss:// URL or redis.ssl = true")
-        kwargs["ssl_ca_certs"] = r.ssl_ca_certs
-    if r.cluster:
-        from redis.cluster import RedisCluster
-
-        client = RedisCluster.from_url(r.url, **kwargs)
-        # no single connection pool to read the password back from, for scrubbing errors
-        client._ctrstream_password = r.password or urlsplit(r.url).password
-        return client
-    return redis.Redis.from_url(r.url, **kwargs)
-
-
-def from_config(cfg: Config, feature_names: list[str] | None = None, *,
-                schema_version: int = 1) -> FeatureStore:
-    """A store on ``cfg.redis`` with ``cfg.features.store_*``. Without ``feature_names``, the
-    version and names come from the meta key (raises `MetaMissing` when there is none)."""
-    client = connect(cfg)
-    f = cfg.features
-    kw = {"prefix": f.store_prefix, "ttl_s": f.store_ttl_s, "where": redact_url(cfg.redis.url)}
-    if feature_names is None:
-        return FeatureStore.from_meta(client, **kw)
-    return FeatureStore(client, schema_version=schema_version, feature_names=feature_names, **kw)
-
-
-def writer_from_config(store: FeatureStore, cfg: Config) -> BufferedWriter:
-    f = cfg.features
-    return BufferedWriter(store, f.store_flush_interval_s, f.store_max_pending,
-                          give_up_s=f.store_give_up_s)

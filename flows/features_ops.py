@@ -12,8 +12,8 @@ from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
 from features.scheduler import PointInTimeScheduler
 from features.spec import FeatureSpec
-from features.store import connect, from_config, writer_from_config
 from flows import metrics
+from flows.build import feature_store, feature_writer, redis_client
 from flows.config import Config
 from joiner.join import EXAMPLE
 
@@ -32,7 +32,7 @@ class CountersLogic(StatefulBatchLogic):
         f = cfg.features
         self.scheduler = PointInTimeScheduler(spec, partitions, f.allowed_lateness_ms,
                                               f.pit_delay_ms, resume)
-        self.redis = connect(cfg)
+        self.redis = redis_client(cfg)
         self.marker = f"{f.store_prefix}:counters-alive"
         self.marker_set = False  # set once: its absence later means Redis lost our writes
         self.next_check = 0.0
@@ -87,8 +87,8 @@ def signal_key(value: tuple) -> str:
 
 class _StorePartition(StatefulSinkPartition):
     def __init__(self, cfg: Config, spec: FeatureSpec) -> None:
-        store = from_config(cfg, spec.feature_names())
-        self.writer = writer_from_config(store, cfg)
+        store = feature_store(cfg, spec.feature_names())
+        self.writer = feature_writer(cfg, store)
         write_many = store.write_many
 
         def counted_write_many(*args, **kwargs):

@@ -22,9 +22,9 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from features.scheduler import DONE, WATERMARK
-from features.spec import FeatureSpec
 from flows import features_ops as fo
 from flows import metrics
+from flows.build import feature_spec, wait_window_joiner
 from flows.config import Config, load_config
 from flows.kafka import (
     LOW_LATENCY_CONSUMER,
@@ -33,7 +33,6 @@ from flows.kafka import (
     idle_awake,
     input_partitions,
 )
-from joiner.health import JoinHealthMonitor
 from joiner.join import (
     CLICKED,
     CLICKS,
@@ -41,7 +40,6 @@ from joiner.join import (
     EXAMPLE,
     IMPRESSIONS,
     SEEN,
-    WaitWindowJoiner,
 )
 
 log = logging.getLogger(__name__)
@@ -49,23 +47,11 @@ log = logging.getLogger(__name__)
 OUT, SIGNAL = "out", "signal"  # tags of the source's records, beside EXAMPLE
 
 
-def make_joiner(cfg: Config, name: str = "", signals: bool = False) -> WaitWindowJoiner:
-    j, h = cfg.join, cfg.health
-    return WaitWindowJoiner(
-        window_ms=j.wait_window_ms, early_click_hold_ms=j.early_click_hold_ms,
-        late_click_horizon_ms=j.late_click_horizon_ms, idle_timeout_s=j.idle_timeout_s,
-        capacity=j.capacity, held_clicks_capacity=j.held_clicks_capacity,
-        max_future_ms=j.max_future_ms, max_past_ms=j.max_past_ms,
-        health=JoinHealthMonitor(h.max_click_lag_ms, h.ctr_collapse_ratio, h.window_examples,
-                                 h.min_expected_clicks, h.baseline_halflife_examples, name),
-        signals=signals, idle_needs_caught_up=True)
-
-
 class _JoinPartition(StatefulSourcePartition):
     def __init__(self, cfg: Config, part: int, resume: dict | None, until_eof: bool) -> None:
         self.cfg, self.part, self.until_eof = cfg, part, until_eof
         self.topics = {cfg.kafka.impressions_topic: IMPRESSIONS, cfg.kafka.clicks_topic: CLICKS}
-        self.joiner = make_joiner(cfg, f"p{part}", signals=cfg.features.enabled)
+        self.joiner = wait_window_joiner(cfg, f"p{part}", signals=cfg.features.enabled)
         self.consumer = Consumer(cfg.kafka_client(**{
             "group.id": f"ctrstream-join-{part}", **LOW_LATENCY_CONSUMER}))
         self.awake: datetime | None = None
@@ -242,7 +228,7 @@ def build(cfg: Config | str | None = None, until_eof: bool = False) -> Dataflow:
     out = op.filter_map("passed_on", records, lambda r: r[1] if r[0] == OUT else None)
     examples = op.filter_map("examples", records, lambda r: r[1] if r[0] == EXAMPLE else None)
     if cfg.features.enabled:
-        spec = FeatureSpec.from_config(cfg.features)
+        spec = feature_spec(cfg)
         signals = op.filter_map("signals", records, lambda r: r[1] if r[0] == SIGNAL else None)
         counted = op.stateful_batch(
             "counters", op.key_on("one_key", signals, fo.signal_key),

@@ -25,11 +25,11 @@ from bytewax.operators import StatefulBatchLogic
 
 from features.store import until_done
 from flows import metrics
+from flows.build import feature_spec, model_settings, model_store
 from flows.config import Config, load_config
 from flows.kafka import KafkaRecordSink, TopicSource, dead_letter
 from learners.archive import ExampleArchive
-from learners.model import Models
-from learners.publish import from_config as model_store
+from learners.model import Models, check_counted
 from learners.trainer import OnlineTrainer
 
 log = logging.getLogger(__name__)
@@ -37,13 +37,14 @@ log = logging.getLogger(__name__)
 
 def trainer(cfg: Config, resume: dict | None = None) -> OnlineTrainer:
     """The learn flow's online trainer, from ``cfg`` (``resume``: its recovery state)."""
-    lc = cfg.learn
-    store = model_store(cfg, name=lc.store_name, keep_days=lc.keep_days)
+    lc, settings, spec = cfg.learn, model_settings(cfg), feature_spec(cfg)
+    store = model_store(cfg)
     return OnlineTrainer(
         store, ExampleArchive(Path(cfg.data_dir) / "archive"),
-        new_models=lambda: Models(lc),
-        load_models=lambda version: Models.load(lc, store, version),
-        models_from_bytes=lambda data: Models.from_bytes(lc, data),
+        # A version or state that reads counts the spec does not count raises NotCounted.
+        new_models=lambda: Models(settings, spec),
+        load_models=lambda version: Models.load(settings, spec, store, version),
+        models_from_bytes=lambda data: Models.from_bytes(settings, spec, data),
         dedup_horizon_ms=lc.dedup_horizon_ms, push_interval_s=lc.push_interval_s,
         snapshot_interval_s=lc.snapshot_interval_s, online_keep_hours=lc.online_keep_hours,
         resume=resume, on_redis_error=_redis_error,
@@ -127,10 +128,12 @@ def write_stats(cfg: Config, stats: dict) -> None:
 def start_offsets(cfg: Config) -> dict[int, int]:
     """Where the current model version's learning stopped in `examples` (none published:
     nothing, so from the beginning)."""
-    store = model_store(cfg, name=cfg.learn.store_name)
+    store = model_store(cfg)
     current = until_done("learn: read the model pointer", store.current, client=store.client,
                          on_error=_redis_error)
     meta = None if current is None else store.get_meta(current)
+    if meta is not None:  # at start-up, not at the first example
+        check_counted(meta, feature_spec(cfg), f"model version {current}")
     return {int(p): o for p, o in ((meta or {}).get("offsets") or {}).items()}
 
 

@@ -12,8 +12,9 @@ code meaning
      it, a schema mismatch, Kafka deliveries not acknowledged, the local stack not starting
      (`StoreUnavailable`, `MetaMissing`, `SchemaMismatch`, `ModelStoreError`,
      `DeliveryError`, `StackError`; a doctor check failed)
-2    bad input: the config (`ConfigError`), the arguments, a message (`BadEvent`), or no
-     archived examples for the date asked for (`NoArchive`)
+2    bad input: the config (`ConfigError`), the arguments, a message (`BadEvent`), no
+     archived examples for the date asked for (`NoArchive`), or a model reading count
+     features the config does not count (`NotCounted`)
 3    refused: a retrain worse than the online models (or, with ``--dry-run``, it would be);
      `stack status` with a component not running
 4    conflict: another publisher moved the model pointer (`PublishConflict`,

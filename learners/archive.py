@@ -331,13 +331,17 @@ class ExampleArchive:
 
 def to_examples(table: pa.Table) -> list[dict]:
     """Rows of an archive table (``read_day``, or rows taken from it) as example dicts:
-    features and counts decoded, extra fields back at the top level, the online predictions
-    as ``online_p`` (only the models that have one; no key when none has)."""
+    features and counts decoded (no key when null: the example had none, and the learnable
+    rule takes a null for a malformed value), extra fields back at the top level, the online
+    predictions as ``online_p`` (only the models that have one; no key when none has)."""
     out = []
     for r in table.to_pylist():
         extra = r.pop("extra", None)
         for k in ("features", "counts"):
-            r[k] = orjson.loads(r[k]) if r[k] is not None else None
+            if r[k] is None:
+                del r[k]
+            else:
+                r[k] = orjson.loads(r[k])
         if r["sample_rate"] is None:
             del r["sample_rate"]
         online = {key: v for col, key in ONLINE_P.items()

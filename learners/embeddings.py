@@ -1,7 +1,9 @@
 """Torch CTR model with user and item ID embeddings, learned online in micro-batches.
 
 logit = dense(x) + <u, v> + b_u + b_v, where ``x`` is a small fixed-size vector from the
-example's context and real-time counts (``dense_features``), and each user and item row holds a
+example's context and real-time counts (``dense_features``: the counts of the entities and
+count names the learner was made with, ``count_entities``/``count_names``, which a
+``FeatureSpec`` gives; the default spec's by default), and each user and item row holds a
 vector and a bias: ``dim + 1`` floats, the bias last. Item rows serve retrieval as they are
 (query ``[u, 1]`` against ``[v, b_v]``).
 
@@ -12,8 +14,9 @@ learned against. Rows changed since the last push are tracked by key for increme
 (``pop_dirty``); evicted rows are pushed as deletions.
 
 A scorer that reads rows from Redis computes the learner's p with the same two functions:
-``dense_features`` and ``score_vectors``; an ID without a row of its own is read from its
-fallback row, ``serving_keys(id, fallback_rows)`` names both keys.
+``dense_features`` (with the learner's count entities and names) and ``score_vectors``; an
+ID without a row of its own is read from its fallback row, ``serving_keys(id, fallback_rows)``
+names both keys.
 
 >>> learner = EmbeddingLearner(dim=4, min_count=1, fallback_rows=8)
 >>> ex = {"impression_id": "a", "ts": 1_000, "user_id": "u1", "item_id": "i1",
@@ -43,7 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from features.spec import DEFAULT_ENTITIES, DEFAULT_WINDOWS_MS, window_label
+from features.spec import FeatureSpec
+from joiner.events import why_not_learnable
 
 FORMAT_VERSION = 1
 _MAGIC = b"ctrstream-emb\x00"
@@ -54,13 +58,11 @@ DAY_MS = 86_400_000
 # which unlike hash() is the same in every process, so a scorer builds the same x.
 CONTEXT_FEATURES = (("device", 8, "hash"), ("position", 10, "clamp"), ("hour", 24, "mod"),
                     ("category", 32, "hash"))
-COUNT_ENTITIES = tuple(DEFAULT_ENTITIES)
-COUNT_NAMES = tuple(f"{kind}_{window_label(w)}" for w in DEFAULT_WINDOWS_MS
-                    for kind in ("imp", "clk"))
+# The default spec's counts: what a learner made without count_entities/count_names reads.
+COUNT_ENTITIES = tuple(FeatureSpec().entities)
+COUNT_NAMES = tuple(FeatureSpec().feature_names())
 _N_CONTEXT = sum(n for _, n, _ in CONTEXT_FEATURES)
-DENSE_DIM = _N_CONTEXT + len(COUNT_ENTITIES) * len(COUNT_NAMES)
-_ZERO_COUNTS = (0,) * len(COUNT_NAMES)
-_get_counts = itemgetter(*COUNT_NAMES)
+DENSE_DIM = _N_CONTEXT + len(COUNT_ENTITIES) * len(COUNT_NAMES)  # with the default counts
 # (name, first column, buckets, how, value -> column cache): the crc32 of a value once, not
 # per example. Bounded: past the cap new values are computed each time.
 _CONTEXT_COLUMNS = tuple((name, sum(c[1] for c in CONTEXT_FEATURES[:i]), n, how, {})
@@ -71,10 +73,16 @@ _FREE = np.iinfo(np.int64).max  # last_seen of a free slot: never older than any
 _NEVER = np.iinfo(np.int64).min
 
 
-def dense_names() -> list[str]:
+def dense_names(count_entities: Sequence[str] = COUNT_ENTITIES,
+                count_names: Sequence[str] = COUNT_NAMES) -> list[str]:
     """Name of each column of ``dense_features``."""
     names = [f"{name}#{i}" for name, n, _ in CONTEXT_FEATURES for i in range(n)]
-    return names + [f"log1p:{e}.{c}" for e in COUNT_ENTITIES for c in COUNT_NAMES]
+    return names + [f"log1p:{e}.{c}" for e in count_entities for c in count_names]
+
+
+def dense_dim(count_entities: Sequence[str] = COUNT_ENTITIES,
+              count_names: Sequence[str] = COUNT_NAMES) -> int:
+    return _N_CONTEXT + len(count_entities) * len(count_names)
 
 
 def _bucket(name: str, value: Any, n: int, how: str) -> int:
@@ -97,11 +105,16 @@ def _as_int(value: Any) -> int | None:
     return None
 
 
-def dense_features(examples: Sequence[Mapping]) -> np.ndarray:
-    """The dense input of each example, float32 [n, DENSE_DIM]: one-hot context buckets, then
-    log1p of every count (missing entities or counts are 0; negative or non-numeric ones too)."""
-    n = len(examples)
-    out = np.zeros((n, DENSE_DIM), np.float32)
+def dense_features(examples: Sequence[Mapping], count_entities: Sequence[str] = COUNT_ENTITIES,
+                   count_names: Sequence[str] = COUNT_NAMES) -> np.ndarray:
+    """The dense input of each example, float32 [n, dense_dim]: one-hot context buckets, then
+    log1p of each count named, entity by entity (missing entities or counts are 0; negative
+    or non-numeric ones too)."""
+    n, per_entity = len(examples), len(count_names)
+    out = np.zeros((n, dense_dim(count_entities, count_names)), np.float32)
+    zeros = (0,) * per_entity
+    get_counts = (itemgetter(*count_names) if per_entity > 1  # one name: no tuple from it
+                  else lambda d: (d[count_names[0]],))
     hot_r: list[int] = []
     hot_c: list[int] = []
     counts: list = []
@@ -123,22 +136,22 @@ def dense_features(examples: Sequence[Mapping]) -> np.ndarray:
                     hot_r.append(r)
                     hot_c.append(col)
         c = e.get("counts") or {}
-        for ent in COUNT_ENTITIES:
+        for ent in count_entities:
             d = c.get(ent)
             if not d:
-                counts.extend(_ZERO_COUNTS)
+                counts.extend(zeros)
                 continue
             try:
-                counts.extend(_get_counts(d))  # the common case: all present
+                counts.extend(get_counts(d))  # the common case: all present
             except KeyError:
-                counts.extend([d.get(k, 0) for k in COUNT_NAMES])
+                counts.extend([d.get(k, 0) for k in count_names])
     out[hot_r, hot_c] = 1.0
     try:
         vals = np.array(counts, np.float64)
     except (TypeError, ValueError):  # a stray string or None: only that value becomes 0
         vals = np.array([_num(v) for v in counts], np.float64)
     vals = np.nan_to_num(np.maximum(vals, 0.0), nan=0.0, posinf=0.0)
-    out[:, _N_CONTEXT:] = np.log1p(vals).reshape(n, -1)
+    out[:, _N_CONTEXT:] = np.log1p(vals).reshape(n, len(count_entities) * per_entity)
     return out
 
 
@@ -154,8 +167,8 @@ def score_vectors(user_vecs: np.ndarray, item_vecs: np.ndarray, x_dense: np.ndar
     """p for each row: the one scoring function of learner and scorer (float64 math).
 
     ``user_vecs``/``item_vecs`` are rows as pushed ([n, dim + 1], bias last), ``x_dense`` is
-    ``dense_features(examples)`` and ``dense_weights`` is ``EmbeddingLearner.dense_weights()``
-    (the DENSE_DIM weights, then the bias)."""
+    ``dense_features(examples, ...)`` and ``dense_weights`` is
+    ``EmbeddingLearner.dense_weights()`` (the dense weights, then the bias)."""
     u = np.asarray(user_vecs, np.float64)
     v = np.asarray(item_vecs, np.float64)
     w = np.asarray(dense_weights, np.float64)
@@ -415,11 +428,10 @@ class CTRModel(nn.Module):
                 + u[:, -1] + v[:, -1])
 
 
-def _usable(examples: Iterable[Mapping]) -> list[Mapping]:
-    """Labeled examples only: correction records are for the archive, and quarantined examples
-    (the joiner's health monitor suspects their labels) are skipped, as the joiner asks."""
-    return [e for e in examples if e.get("kind", "example") == "example"
-            and e.get("label") is not None and not e.get("quarantined")]
+def _learnable(examples: Sequence[Mapping]) -> list[Mapping]:
+    # The rule costs ~7 us an example (30 counts checked): callers that applied it pass
+    # checked=True rather than pay it twice.
+    return [e for e in examples if why_not_learnable(e) is None]
 
 
 def _labels_weights(examples: Sequence[Mapping]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -445,19 +457,24 @@ class EmbeddingLearner:
                  evict_after_ms: int = 7 * DAY_MS, lr: float = 0.2, dense_lr: float = 0.05,
                  max_dirty: int = 100_000, max_rows: int | None = None,
                  max_pending: int = 1_000_000, init_std: float = 0.05,
-                 prior_ctr: float = 0.03, seed: int = 0) -> None:
+                 prior_ctr: float = 0.03, seed: int = 0,
+                 count_entities: Sequence[str] = COUNT_ENTITIES,
+                 count_names: Sequence[str] = COUNT_NAMES) -> None:
+        self.count_entities, self.count_names = tuple(count_entities), tuple(count_names)
         self.config = {"dim": dim, "min_count": min_count, "fallback_rows": fallback_rows,
                        "evict_after_ms": evict_after_ms, "lr": lr, "dense_lr": dense_lr,
                        "max_dirty": max_dirty, "max_rows": max_rows,
                        "max_pending": max_pending, "init_std": init_std,
-                       "prior_ctr": prior_ctr, "seed": seed}
+                       "prior_ctr": prior_ctr, "seed": seed,
+                       "count_entities": list(self.count_entities),
+                       "count_names": list(self.count_names)}
         self.lr, self.dense_lr = lr, dense_lr
         kw = {"dim": dim, "min_count": min_count, "fallback_rows": fallback_rows,
               "evict_after_ms": evict_after_ms, "max_dirty": max_dirty, "max_rows": max_rows,
               "max_pending": max_pending, "init_std": init_std}
         self.users = EmbeddingTable(seed=seed, **kw)
         self.items = EmbeddingTable(seed=seed + 1, **kw)
-        self.model = CTRModel()
+        self.model = CTRModel(dense_dim(self.count_entities, self.count_names))
         with torch.no_grad():
             self.model.dense.bias.fill_(math.log(prior_ctr / (1 - prior_ctr)))
         self.model.requires_grad_(False)  # frozen except inside train_epoch
@@ -472,11 +489,15 @@ class EmbeddingLearner:
     def tables(self) -> dict[str, EmbeddingTable]:
         return {"user": self.users, "item": self.items}
 
+    def dense_features(self, examples: Sequence[Mapping]) -> np.ndarray:
+        """``dense_features`` with this learner's counts."""
+        return dense_features(examples, self.count_entities, self.count_names)
+
     # -- learning ---------------------------------------------------------------------------
 
     def _step(self, examples: Sequence[Mapping], ru: np.ndarray, ri: np.ndarray,
               train_dense: bool) -> tuple[float, int]:
-        x = torch.from_numpy(dense_features(examples))
+        x = torch.from_numpy(self.dense_features(examples))
         y, w = _labels_weights(examples)
         uu, inv_u = np.unique(ru, return_inverse=True)
         ui, inv_i = np.unique(ri, return_inverse=True)
@@ -507,11 +528,13 @@ class EmbeddingLearner:
             self.max_ts = max(self.max_ts, max(ts))
         return [e.get("user_id") for e in examples], [e.get("item_id") for e in examples], ts
 
-    def learn_batch(self, examples: Sequence[Mapping]) -> dict[str, float]:
+    def learn_batch(self, examples: Sequence[Mapping], checked: bool = False
+                    ) -> dict[str, float]:
         """One online step on a micro-batch: only the rows of its users and items change.
-        Returns {"examples", "skipped", "rows" (rows updated), "loss" (mean log loss before
-        the step)}."""
-        batch = _usable(examples)
+        Examples ``joiner.events.why_not_learnable`` refuses are skipped (``checked``: the
+        caller has applied it already). Returns {"examples", "skipped", "rows" (rows updated),
+        "loss" (mean log loss before the step)}."""
+        batch = list(examples) if checked else _learnable(examples)
         skipped = len(examples) - len(batch)
         self.counters["skipped"] += skipped
         if not batch:
@@ -525,12 +548,14 @@ class EmbeddingLearner:
                 "loss": loss / len(batch)}
 
     def train_epoch(self, examples: Sequence[Mapping], batch_size: int = 512,
-                    shuffle_seed: int = 0, observe: bool = True) -> dict[str, float]:
+                    shuffle_seed: int = 0, observe: bool = True, checked: bool = False
+                    ) -> dict[str, float]:
         """One pass over ``examples`` in a seeded shuffled order, training dense weights and
         rows. With ``observe`` all sightings are counted first, so an ID frequent in the data
         learns in its own row from its first example; pass ``observe=False`` for further
-        epochs over the same examples (else each epoch counts as new sightings)."""
-        batch = _usable(examples)
+        epochs over the same examples (else each epoch counts as new sightings). ``checked``
+        as for `learn_batch`."""
+        batch = list(examples) if checked else _learnable(examples)
         if not batch:
             return {"examples": 0, "batches": 0, "loss": 0.0}
         users, items, ts = self._ids_ts(batch)
@@ -556,7 +581,7 @@ class EmbeddingLearner:
     # -- prediction and publishing -----------------------------------------------------------
 
     def dense_weights(self) -> np.ndarray:
-        """float32 [DENSE_DIM + 1]: the dense weights, then the bias (for ``score_vectors``)."""
+        """float32 [dense_dim + 1]: the dense weights, then the bias (for ``score_vectors``)."""
         d = self.model.dense
         return torch.cat([d.weight.detach().reshape(-1), d.bias.detach()]).numpy().copy()
 
@@ -566,7 +591,7 @@ class EmbeddingLearner:
             return np.zeros(0)
         u = self.users.vectors(self.users.lookup(e.get("user_id") for e in examples))
         v = self.items.vectors(self.items.lookup(e.get("item_id") for e in examples))
-        return score_vectors(u, v, dense_features(examples), self.dense_weights())
+        return score_vectors(u, v, self.dense_features(examples), self.dense_weights())
 
     def evict(self, now_ms: int | None = None) -> dict[str, list[str]]:
         """Evict rows unseen for ``evict_after_ms`` before ``now_ms`` (default: the latest
@@ -588,7 +613,7 @@ class EmbeddingLearner:
     def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """(plain data, tensors): the whole learner, dirty tracking included."""
         meta = {"format": FORMAT_VERSION, "config": dict(self.config),
-                "dense_names": dense_names(), "dense_version": self.dense_version,
+                "dense_names": self.dense_names(), "dense_version": self.dense_version,
                 "dense_pushed": self._dense_pushed, "max_ts": self.max_ts,
                 "counters": dict(self.counters)}
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
@@ -599,7 +624,7 @@ class EmbeddingLearner:
         return meta, tensors
 
     def load_state_dict(self, meta: Mapping, tensors: Mapping[str, torch.Tensor]) -> None:
-        if meta.get("format") != FORMAT_VERSION or meta.get("dense_names") != dense_names():
+        if meta.get("format") != FORMAT_VERSION or meta.get("dense_names") != self.dense_names():
             raise ValueError("state is from another format or dense feature layout")
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items()
                                     if k.startswith("model.")})
@@ -609,6 +634,9 @@ class EmbeddingLearner:
                                       if k.startswith(name + ".")})
         self.dense_version, self._dense_pushed = meta["dense_version"], meta["dense_pushed"]
         self.max_ts, self.counters = meta["max_ts"], dict(meta["counters"])
+
+    def dense_names(self) -> list[str]:
+        return dense_names(self.count_entities, self.count_names)
 
     def to_bytes(self) -> bytes:
         """The state as one blob: magic, header length, JSON header, raw little-endian tensors.

@@ -4,13 +4,19 @@ labeled examples, written to the model store (learners/publish.py) and read back
 A version in the store holds::
 
     meta            source ("online" or "retrain"), parent version, created_ms, the hasher
-                    (bits, crosses), BOPR's beta and prior variance, the negative sample rate,
+                    (bits, crosses, and the spec: the entities and windows whose counts it
+                    reads), BOPR's beta and prior variance, the negative sample rate,
                     examples learned and each model's metrics
     w:ftrl          coordinate -> w             (the non-zero weights)
     w:bopr          coordinate -> (mu, var)     (the coordinates that moved off the prior)
     w:dense         i -> the embedding model's dense weights (its bias last)
     emb:user/item   id -> row (own rows and the shared fallback rows)
     blob:models     the whole learner state, to continue training from this version
+
+The models read the count features of the ``FeatureSpec`` they are made with (the hasher and
+the embedding model's dense input alike) and keep it: a version loaded, or a scorer, reads the
+spec it was trained with from the version, and loading one whose counts the given spec does
+not count raises `NotCounted` naming them, instead of reading zeros for ever.
 
 FTRL and BOPR learn the kept examples (negatives downsampled at ``negative_sample_rate``,
 deterministically by id) and their predictions are recalibrated to the unsampled stream; the
@@ -20,15 +26,18 @@ example is predicted before any model learns it, on the unsampled stream.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import orjson
 
-from features.hashing import FeatureHasher
-from features.spec import split_names
+from features.hashing import DEFAULT_CROSSES, FeatureHasher
+from features.spec import FeatureSpec, NotCounted
+from joiner.events import why_not_learnable
 from learners.bopr import BOPR
 from learners.embeddings import EmbeddingLearner
 from learners.ftrl import FTRLProximal
@@ -42,21 +51,60 @@ DAY_MS = 86_400_000
 MICRO_BATCH = 256  # examples predicted, then learned, at a time
 
 
-def usable(example: Mapping) -> bool:
-    """A labeled example the models learn from: not a correction record, not quarantined
-    (the joiner's health monitor suspects its label)."""
-    return (example.get("kind", "example") == "example" and example.get("label") in (0, 1)
-            and not example.get("quarantined"))
+@dataclass(frozen=True)
+class ModelSettings:
+    """The models' hyperparameters (flows/build.py makes them from ``[learn]``); ``crosses``
+    as tuples of field names."""
+
+    hash_bits: int = 20
+    crosses: tuple[tuple[str, ...], ...] = DEFAULT_CROSSES
+    ftrl_alpha: float = 0.1
+    ftrl_beta: float = 1.0
+    ftrl_l1: float = 1.0
+    ftrl_l2: float = 1.0
+    bopr_beta: float = 1.0
+    bopr_prior_variance: float = 0.01
+    emb_dim: int = 16
+    emb_min_count: int = 2
+    emb_fallback_rows: int = 1024
+    emb_evict_after_days: float = 7.0
+    emb_lr: float = 0.2
+    emb_max_dirty: int = 100_000
+    negative_sample_rate: float = 1.0
+    item_attributes: tuple[str, ...] = ("category",)  # kept by item id for scoring
+    metrics_window: int = 100_000
+    retrain_batch_size: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "crosses", tuple(tuple(c) for c in self.crosses))
+        object.__setattr__(self, "item_attributes", tuple(self.item_attributes))
+        if not 0 < self.negative_sample_rate <= 1:
+            raise ValueError(f"negative_sample_rate must be in (0, 1], got "
+                             f"{self.negative_sample_rate}")
 
 
-def make_hasher(meta_or_cfg) -> FeatureHasher:
-    """The hasher a learn config, or a version's meta, describes."""
-    if isinstance(meta_or_cfg, Mapping):
-        bits, crosses = meta_or_cfg["hash_bits"], meta_or_cfg["crosses"]
-    else:
-        bits = meta_or_cfg.hash_bits
-        crosses = [split_names(c) for c in meta_or_cfg.crosses]
-    return FeatureHasher(bits=bits, crosses=[tuple(c) for c in crosses])
+def trained_spec(meta: Mapping) -> FeatureSpec:
+    """The spec a version's meta (or a models blob's header) records. Versions written before
+    it was recorded were all trained with the default spec."""
+    return FeatureSpec.from_dict(meta["spec"]) if "spec" in meta else FeatureSpec()
+
+
+def check_counted(meta: Mapping, spec: FeatureSpec, what: str) -> FeatureSpec:
+    """The spec ``meta`` records (`trained_spec`); raises `NotCounted` naming the count
+    features it reads that ``spec`` (what is counted now) does not count."""
+    trained = trained_spec(meta)
+    if missing := trained.missing_from(spec):
+        raise NotCounted(f"{what} was trained on count features that are not counted now: "
+                         f"{', '.join(missing)}; count them again (features.entities, "
+                         "features.windows_ms) or start from fresh models")
+    return trained
+
+
+def make_hasher(meta: Mapping) -> FeatureHasher:
+    """The hasher a version's meta describes: its bits, crosses and spec."""
+    return FeatureHasher(bits=meta["hash_bits"], crosses=[tuple(c) for c in meta["crosses"]],
+                         count_features=trained_spec(meta))
 
 
 def take_rows(indptr: np.ndarray, indices: np.ndarray, mask: np.ndarray):
@@ -67,23 +115,28 @@ def take_rows(indptr: np.ndarray, indices: np.ndarray, mask: np.ndarray):
 
 
 class Models:
-    """FTRL, BOPR and the embedding model, with one hasher and progressive metrics."""
+    """FTRL, BOPR and the embedding model, with one hasher and progressive metrics; all read
+    the count features of ``spec``."""
 
-    def __init__(self, cfg, ftrl: FTRLProximal | None = None, bopr: BOPR | None = None,
+    def __init__(self, settings: ModelSettings, spec: FeatureSpec,
+                 ftrl: FTRLProximal | None = None, bopr: BOPR | None = None,
                  emb: EmbeddingLearner | None = None) -> None:
-        self.cfg = cfg  # flows.config.LearnConfig
-        self.hasher = make_hasher(cfg)
-        self.rate = float(cfg.negative_sample_rate)
-        if not 0 < self.rate <= 1:
-            raise ValueError(f"learn.negative_sample_rate must be in (0, 1], got {self.rate}")
-        self.ftrl = ftrl or FTRLProximal(cfg.ftrl_alpha, cfg.ftrl_beta, cfg.ftrl_l1,
-                                         cfg.ftrl_l2, bits=cfg.hash_bits)
-        self.bopr = bopr or BOPR(cfg.bopr_beta, cfg.bopr_prior_variance, bits=cfg.hash_bits)
+        s = self.settings = settings
+        self.spec = spec
+        self.hasher = FeatureHasher(bits=s.hash_bits, crosses=s.crosses, count_features=spec)
+        self.rate = float(s.negative_sample_rate)
+        self.ftrl = ftrl or FTRLProximal(s.ftrl_alpha, s.ftrl_beta, s.ftrl_l1, s.ftrl_l2,
+                                         bits=s.hash_bits)
+        self.bopr = bopr or BOPR(s.bopr_beta, s.bopr_prior_variance, bits=s.hash_bits)
         self.emb = emb or EmbeddingLearner(
-            dim=cfg.emb_dim, min_count=cfg.emb_min_count, fallback_rows=cfg.emb_fallback_rows,
-            evict_after_ms=int(cfg.emb_evict_after_days * DAY_MS), lr=cfg.emb_lr,
-            max_dirty=cfg.emb_max_dirty, seed=cfg.seed)
-        self.metrics = {m: ProgressiveMetrics(cfg.metrics_window) for m in MODELS}
+            dim=s.emb_dim, min_count=s.emb_min_count, fallback_rows=s.emb_fallback_rows,
+            evict_after_ms=int(s.emb_evict_after_days * DAY_MS), lr=s.emb_lr,
+            max_dirty=s.emb_max_dirty, seed=s.seed, count_entities=tuple(spec.entities),
+            count_names=spec.feature_names())
+        if self.emb.count_entities != tuple(spec.entities) or (
+                self.emb.count_names != tuple(spec.feature_names())):
+            raise ValueError("the embedding model reads other counts than the spec given")
+        self.metrics = {m: ProgressiveMetrics(s.metrics_window) for m in MODELS}
         self.examples = 0  # learned (after downsampling)
         self.micro_batch = 1
         self.items: dict[str, dict] = {}  # item attributes seen since the last push
@@ -107,7 +160,7 @@ class Models:
         and FTRL overshoots on larger batches. With ``annotate`` each usable example gets
         ``online_p``: the models' predictions before learning it (the daily retrain compares
         itself with those). Returns counts."""
-        batch = [e for e in examples if usable(e)]
+        batch = [e for e in examples if why_not_learnable(e) is None]
         learned = s = 0
         while s < len(batch):
             learned += self._learn(batch[s:s + self.micro_batch], annotate)
@@ -134,8 +187,8 @@ class Models:
             y = y[keep]
         self.ftrl.learn_many(*csr, y)
         self.bopr.learn_many(*csr, y)
-        self.emb.learn_batch(batch)
-        attrs = self.cfg.item_attributes
+        self.emb.learn_batch(batch, checked=True)
+        attrs = self.settings.item_attributes
         for e in batch:
             feats = e.get("features") or {}
             self.items[str(e["item_id"])] = {a: feats[a] for a in attrs if a in feats}
@@ -149,9 +202,8 @@ class Models:
 
     def describe(self) -> dict:
         """What a scorer needs to know to score exactly as these models do."""
-        c = self.cfg
-        return {"format": FORMAT, "hash_bits": c.hash_bits,
-                "crosses": [list(x) for x in self.hasher.crosses],
+        return {"format": FORMAT, "hash_bits": self.hasher.bits,
+                "crosses": [list(x) for x in self.hasher.crosses], "spec": self.spec.to_dict(),
                 "bopr_beta": self.bopr.beta, "bopr_prior_variance": self.bopr.prior_variance,
                 "sample_rate": self.rate, "fallback_rows": self.emb.users.fallback_rows,
                 "emb_dim": self.emb.users.dim}
@@ -222,7 +274,10 @@ class Models:
 
     def to_bytes(self) -> bytes:
         """Every learner's state and the metrics as one npz (no pickle: loading runs no code)."""
-        arrays, header = {}, {"format": FORMAT, "examples": self.examples, "items": self.items}
+        arrays, header = {}, {"format": FORMAT, "examples": self.examples, "items": self.items,
+                              # the hasher, to continue hashing as these models learned
+                              "hash_bits": self.hasher.bits, "spec": self.spec.to_dict(),
+                              "crosses": [list(x) for x in self.hasher.crosses]}
         for name, learner in (("ftrl", self.ftrl), ("bopr", self.bopr)):
             st = learner.state()
             header[name] = {k: v for k, v in st.items() if not isinstance(v, np.ndarray)}
@@ -239,7 +294,11 @@ class Models:
         return buf.getvalue()
 
     @classmethod
-    def from_bytes(cls, cfg, data: bytes) -> Models:
+    def from_bytes(cls, settings: ModelSettings, spec: FeatureSpec, data: bytes,
+                   what: str = "the model state") -> Models:
+        """The models ``to_bytes`` wrote, hashing and reading counts as they learned (their
+        own spec, bits and crosses; ``settings`` for the rest). ``spec`` is what is counted
+        now: models that read counts it does not count raise `NotCounted` naming them."""
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         header = orjson.loads(arrays.pop("header").tobytes())
@@ -250,7 +309,11 @@ class Models:
             return {**header[name], **{k[len(name) + 1:]: v for k, v in arrays.items()
                                        if k.startswith(name + ".")}}
 
-        models = cls(cfg, FTRLProximal.from_state(state("ftrl")),
+        trained = check_counted(header, spec, what)
+        if "hash_bits" in header:  # else from before the header kept them: the settings'
+            settings = dataclasses.replace(settings, hash_bits=header["hash_bits"],
+                                           crosses=header["crosses"])
+        models = cls(settings, trained, FTRLProximal.from_state(state("ftrl")),
                      BOPR.from_state(state("bopr")),
                      EmbeddingLearner.from_bytes(arrays.pop("emb").tobytes()))
         for name, m in models.metrics.items():
@@ -260,11 +323,13 @@ class Models:
         return models
 
     @classmethod
-    def load(cls, cfg, store: ModelStore, version: str) -> Models:
+    def load(cls, settings: ModelSettings, spec: FeatureSpec, store: ModelStore,
+             version: str) -> Models:
+        """``version``'s models (see `from_bytes`)."""
         data = store.get_blob(version, "models")
         if data is None:
             raise LookupError(f"version {version} of {store.prefix} has no models blob")
-        return cls.from_bytes(cfg, data)
+        return cls.from_bytes(settings, spec, data, f"model version {version} of {store.prefix}")
 
 
 def catalog_key(store: ModelStore) -> str:

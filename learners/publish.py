@@ -77,17 +77,13 @@ import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import orjson
 import redis
 
-from features.store import connect
 from joiner.errors import CtrstreamError
-
-if TYPE_CHECKING:
-    from flows.config import Config
 
 # Names become key segments (and the store name the hash tag): keep them plain.
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -584,8 +580,3 @@ def _decode_rows(key: str, fields: list, raw: list, layout: _Layout) -> Rows:
     found = np.fromiter((v is not None for v in raw), bool, len(raw))
     return Rows(rec["v"].copy(), rec["t"].copy(), found)
 
-
-def from_config(cfg: Config, name: str = "ctr", keep_days: float = 7, **kwargs) -> ModelStore:
-    """A store on ``cfg.redis`` (a RedisCluster when ``redis.cluster``), connected like the
-    feature store."""
-    return ModelStore(connect(cfg), name=name, keep_days=keep_days, **kwargs)

@@ -5,12 +5,14 @@ What it does, in order (`retrain`):
 
 1. **Read the day** (`load_day`): ``ExampleArchive.read_day`` with the late-click
    corrections applied, so an impression whose click came after the join's wait window is a
-   positive here (the online models learned it as a negative), and the usable rows (labeled,
-   not quarantined) in event-time order (ties in archive order).
+   positive here (the online models learned it as a negative), and the learnable rows (the
+   learn flow's rule, ``joiner.events.why_not_learnable``, applied to the columns:
+   `learnable`) in event-time order (ties in archive order).
 2. **Warm start** (`find_base`): from the newest version published by a retrain of an
    *earlier* day, not from the current version: the online models have already learned this
    day, and retraining them on it would learn it twice. None yet (the first day), or one
-   whose hasher differs from the config: fresh models.
+   whose hasher differs from the settings (bits, crosses, the count features it reads:
+   `incompatible`): fresh models.
 3. **Split**: the last ``holdout_fraction`` of the day's examples (by count, in event time) is
    the holdout; the rest is the training set.
 4. **Train one epoch** (`train_epoch`) on the training set in a shuffled order drawn from
@@ -55,7 +57,8 @@ a day at the generator's default 50 impressions/s. The training loop lives here 
 ``Models.train_epoch`` for that and for progress reporting; it does what ``train_epoch``
 does plus the negative downsampling.
 
-    result = retrain(cfg.learn, "2023-11-15", store, archive, progress=tqdm)
+    result = retrain(RetrainSettings(ModelSettings(), spec), "2023-11-15", store, archive,
+                     progress=tqdm)
     result.status, result.ne_online, result.ne_retrained
 """
 
@@ -73,10 +76,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from features.spec import FeatureSpec
 from joiner.errors import CtrstreamError
 from learners.archive import ONLINE_P, ExampleArchive, to_examples
 from learners.metrics import ProgressiveMetrics, log_loss, normalized_entropy
-from learners.model import MODELS, Models
+from learners.model import MODELS, Models, ModelSettings, trained_spec
 from learners.publish import ModelStore, PublishConflict
 from learners.sampling import keep_many
 
@@ -112,12 +116,23 @@ class RetrainConflict(CtrstreamError, RuntimeError):
         self.version, self.found = version, found
 
 
+@dataclass(frozen=True)
+class RetrainSettings:
+    """What a retrain needs besides the data (flows/build.py makes it from the config)."""
+
+    models: ModelSettings = field(default_factory=ModelSettings)
+    spec: FeatureSpec = field(default_factory=FeatureSpec)  # what the counters count
+    holdout_fraction: float = 0.1
+    max_ne_regression: float = 0.005
+    online_keep_hours: float = 2.0  # how long a learn flow's version replaced stays readable
+
+
 @dataclass
 class Day:
-    """One day's usable examples, in event-time order."""
+    """One day's learnable examples, in event-time order."""
 
     date: str
-    table: pa.Table  # the archive's columns and late_click, usable rows only, sorted by ts
+    table: pa.Table  # the archive's columns and late_click, learnable rows only, by ts
     rows: int  # rows the archive holds for the day (each impression_id once)
 
     @property
@@ -152,7 +167,7 @@ class RetrainResult:
     base: str | None = None  # the warm start (None: fresh models)
     base_date: str | None = None
     rows: int = 0  # in the archive for the day
-    examples: int = 0  # usable
+    examples: int = 0  # learnable
     positives: int = 0  # after corrections
     late_positives: int = 0  # of which positive only by a late-click correction
     train_examples: int = 0
@@ -189,17 +204,49 @@ def day_str(date: str | dt.date) -> str:
         date).isoformat()
 
 
+# JSON as the archive writes it (orjson: compact, finite numbers), in RE2 syntax.
+_STR = r'"(?:[^"\\]|\\.)*"'
+_NUM = r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?"
+_COUNT = r"(?:(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?|-0(?:\.0+)?(?:[eE][+-]?\d+)?)"  # -0 is 0
+
+
+def _object(value: str) -> str:
+    return rf"\{{(?:{_STR}:{value}(?:,{_STR}:{value})*)?\}}"
+
+
+_FEATURES = f"^{_object(f'(?:{_STR}|{_NUM})')}$"  # string or number values
+_COUNTS = f"^{_object(_object(_COUNT))}$"  # {entity: {name: number >= 0}}
+
+
+def learnable(t: pa.Table) -> pa.Array:
+    """Which rows of an archive table (``read_day``) ``joiner.events.why_not_learnable``
+    accepts, as ``to_examples`` decodes them, decided on the columns at once: asking the rule
+    row by row means decoding every row's JSON first, for millions of rows. A null features
+    or counts column is a record that had none. tests/unit/learners/test_learnable_filter.py
+    checks that the two agree."""
+    checks = [
+        pc.greater(pc.utf8_length(t["impression_id"]), 0),
+        pc.is_valid(t["ts"]), pc.is_valid(t["user_id"]), pc.is_valid(t["item_id"]),
+        pc.is_in(t["label"], value_set=pa.array([0, 1], t.schema.field("label").type)),
+        pc.fill_null(pc.match_substring_regex(t["features"], _FEATURES), True),
+        pc.fill_null(pc.match_substring_regex(t["counts"], _COUNTS), True),
+        pc.invert(pc.fill_null(t["quarantined"], False)),
+    ]
+    ok = checks[0]
+    for c in checks[1:]:
+        ok = pc.and_kleene(ok, c)
+    return pc.fill_null(ok, False)  # a null (a missing impression_id) is not learnable
+
+
 def load_day(archive: ExampleArchive, date: str | dt.date) -> Day:
-    """The day's usable examples (late clicks applied) in event-time order; `NoArchive`
+    """The day's learnable examples (late clicks applied) in event-time order; `NoArchive`
     when the archive holds no file of examples for the date."""
     date = day_str(date)
     if date not in (days := archive.days()):
         raise NoArchive(date, str(archive.root), days)
     t = archive.read_day(date)
     rows = t.num_rows
-    usable = pc.and_(pc.is_valid(t["label"]),
-                     pc.invert(pc.fill_null(t["quarantined"], False)))
-    t = t.filter(usable)
+    t = t.filter(learnable(t))
     order = np.argsort(t["ts"].to_numpy(zero_copy_only=False), kind="stable")
     return Day(date, t.take(order).combine_chunks(), rows)
 
@@ -230,11 +277,18 @@ def find_base(store: ModelStore, before: str) -> tuple[str, dict] | tuple[None, 
 
 
 def incompatible(meta: Mapping, models: Models) -> str | None:
-    """Why a version's models cannot be continued with this config (or None)."""
+    """Why a version's models cannot be continued as ``models`` (fresh ones made from the
+    settings) would learn, or None: another hasher, or other count features read (ones not
+    counted now would read 0; ones counted now but not read would be left out)."""
     want = models.describe()
     for key in ("format", "hash_bits", "crosses", "sample_rate"):
         if meta.get(key) != want[key]:
             return f"its {key} is {meta.get(key)!r}, the config's {want[key]!r}"
+    trained = trained_spec(meta)
+    if missing := trained.missing_from(models.spec):
+        return f"it reads count features that are not counted now: {', '.join(missing)}"
+    if unread := models.spec.missing_from(trained):
+        return f"it does not read count features counted now: {', '.join(unread)}"
     return None
 
 
@@ -255,7 +309,7 @@ def _progress(factory: Callable[..., Any] | None, total: int, desc: str):
 
 
 def _note_items(models: Models, examples: list[dict]) -> None:
-    attrs = models.cfg.item_attributes
+    attrs = models.settings.item_attributes
     for e in examples:
         feats = e.get("features") or {}
         models.items[str(e["item_id"])] = {a: feats[a] for a in attrs if a in feats}
@@ -266,7 +320,7 @@ def train_epoch(models: Models, table: pa.Table, seed: int,
     """One pass over ``table``'s rows in the order ``permutation(seed)``: FTRL and BOPR learn
     each batch of ``retrain_batch_size``; the embedding model trains every parameter on the
     same data (rows and dense part). Returns the examples learned (after downsampling)."""
-    step = models.cfg.retrain_batch_size
+    step = models.settings.retrain_batch_size
     n = table.num_rows
     order = np.random.default_rng(seed).permutation(n)
     if models.rate < 1:  # the same examples the online models kept, by id
@@ -298,7 +352,7 @@ def train_epoch(models: Models, table: pa.Table, seed: int,
             # The chunk's examples are already in shuffled order; train_epoch shuffles them
             # again within the chunk, from a seed of its own.
             emb.train_epoch(examples, batch_size=step, shuffle_seed=seed + 1 + c,
-                            observe=False)
+                            observe=False, checked=True)  # the table is `learnable` rows
             _note_items(models, examples)
             models.examples += len(examples)
             if bar is not None:
@@ -323,8 +377,8 @@ def learn_holdout(models: Models, table: pa.Table,
     order as the learn flow would (``Models.learn``: each example predicted just before it is
     learned). Returns (frozen, progressive) predictions, each model -> array. The models'
     progressive metrics restart here: they describe the new version on the holdout."""
-    models.metrics = {m: ProgressiveMetrics(models.cfg.metrics_window) for m in MODELS}
-    step = models.cfg.retrain_batch_size
+    models.metrics = {m: ProgressiveMetrics(models.settings.metrics_window) for m in MODELS}
+    step = models.settings.retrain_batch_size
     chunk = step * CHUNK_BATCHES
     n = table.num_rows
     frozen = {m: np.empty(n) for m in MODELS}
@@ -428,19 +482,20 @@ def publish(store: ModelStore, models: Models, *, base: str | None, expected: st
 # -- all together ---------------------------------------------------------------------------
 
 
-def retrain(cfg, date: str | dt.date, store: ModelStore, archive: ExampleArchive, *,
+def retrain(settings: RetrainSettings, date: str | dt.date, store: ModelStore,
+            archive: ExampleArchive, *,
             seed: int | None = None, force: bool = False, dry_run: bool = False,
             evaluation: str = "progressive",
             progress: Callable[..., Any] | None = None) -> RetrainResult:
-    """Retrain on ``date`` and publish (see the module docstring). ``cfg`` is a
-    ``flows.config.LearnConfig``; ``seed`` defaults to its ``seed``. ``progress`` is called
+    """Retrain on ``date`` and publish (see the module docstring). ``seed`` defaults to the
+    model settings' ``seed``. ``progress`` is called
     as ``progress(total=batches, desc=phase)`` and must return an object with ``update(n)``
     and ``close()`` (``tqdm.tqdm`` does). Raises `NoArchive`; Redis errors propagate."""
     if evaluation not in EVALUATIONS:
         raise ValueError(f"evaluation must be one of {EVALUATIONS}, got {evaluation!r}")
     t_start = time.perf_counter()
     date = day_str(date)
-    seed = cfg.seed if seed is None else seed
+    seed = settings.models.seed if seed is None else seed
     res = RetrainResult(date=date, evaluation=evaluation, seed=seed)
     timings = res.timings_s
 
@@ -456,13 +511,13 @@ def retrain(cfg, date: str | dt.date, store: ModelStore, archive: ExampleArchive
     if skipped := archive.skipped_files:
         res.warnings.append(f"unreadable archive files skipped: {', '.join(skipped)}")
     expected = store.current()  # what the pointer must still name when we publish
-    fresh = Models(cfg)
+    fresh = Models(settings.models, settings.spec)
     base, meta = find_base(store, date)
     models = fresh
     if base is not None:
         why = incompatible(meta, fresh)
         if why is None:
-            models = Models.load(cfg, store, base)
+            models = Models.load(settings.models, settings.spec, store, base)
             res.base, res.base_date = base, str(meta.get("date"))
         else:
             res.warnings.append(f"not warm-starting from retrain version {base}: {why}")
@@ -472,7 +527,7 @@ def retrain(cfg, date: str | dt.date, store: ModelStore, archive: ExampleArchive
              else "fresh models")
     t = lap("read", t)
 
-    cut = split_holdout(day.examples, cfg.holdout_fraction)
+    cut = split_holdout(day.examples, settings.holdout_fraction)
     train, holdout = day.table.slice(0, cut), day.table.slice(cut)
     res.train_examples, res.holdout_examples = train.num_rows, holdout.num_rows
     train_epoch(models, train, seed, progress)
@@ -490,10 +545,10 @@ def retrain(cfg, date: str | dt.date, store: ModelStore, archive: ExampleArchive
     reasons = []
     if not res.train_examples:
         reasons.append(f"nothing to train on ({res.examples} usable examples, "
-                       f"holdout_fraction {cfg.holdout_fraction})")
+                       f"holdout_fraction {settings.holdout_fraction})")
     if not len(y):
         reasons.append(f"the holdout is empty ({res.examples} usable examples, "
-                       f"holdout_fraction {cfg.holdout_fraction}): nothing to compare with")
+                       f"holdout_fraction {settings.holdout_fraction}): nothing to compare with")
     elif not covered.any() or res.online_coverage < MIN_ONLINE_COVERAGE:
         reasons.append(f"the online predictions are missing for {int((~covered).sum()):,} of "
                        f"{len(y):,} holdout examples (archived before the learn flow stored "
@@ -508,7 +563,7 @@ def retrain(cfg, date: str | dt.date, store: ModelStore, archive: ExampleArchive
         res.ne_retrained = (res.ne_retrained_progressive if evaluation == "progressive"
                             else res.ne_retrained_frozen)
         res.ne_difference_se = ne_difference_se(rule, online, y, covered)
-        if why := refusal(res.ne_online, res.ne_retrained, cfg.max_ne_regression):
+        if why := refusal(res.ne_online, res.ne_retrained, settings.max_ne_regression):
             reasons.append(why)
     if later := later_retrain(store, date):
         reasons.append(f"version {later[0]} is a retrain of a later day ({later[1]}): "
@@ -536,7 +591,7 @@ def retrain(cfg, date: str | dt.date, store: ModelStore, archive: ExampleArchive
         try:
             res.version, res.previous, res.published_over = publish(
                 store, models, base=res.base, expected=expected, extra=extra,
-                online_keep_days=cfg.online_keep_hours / 24)
+                online_keep_days=settings.online_keep_hours / 24)
             res.status = "published"
         except RetrainConflict as e:
             res.status, res.version = "conflict", e.version

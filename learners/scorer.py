@@ -3,10 +3,13 @@
 Three round trips: (1) the model pointer and the candidates' attributes (category, ...);
 (2) the count features of every entity of every (user, item) pair; (3) the weights of the
 hashed features and the embedding rows, all from one model version. Each depends on the one
-before: the entities need the attributes, the hashed features need the counts. The hasher is
-built from the version's own meta, so scoring hashes exactly as training did.
+before: the entities need the attributes, the hashed features need the counts. The hasher and
+the embedding model's dense input are built from the version's own meta (its bits, crosses and
+the spec it was trained with), so scoring reads counts and hashes exactly as training did; a
+version that reads counts ``spec`` (what is counted into the feature store) does not count is
+refused with `NotCounted` naming them.
 
-    scorer = Scorer.from_config(load_config())
+    scorer = flows.build.scorer(cfg)
     scorer.score("u17", ["i1", "i2"], {"device": "mobile", "position": 0, "hour": 20})
     # [{'item_id': 'i2', 'ftrl': 0.031, 'bopr': 0.029, 'bopr_std': 0.41, 'emb': 0.034}, ...]
 """
@@ -22,9 +25,9 @@ from features.spec import FeatureSpec
 from features.store import FeatureStore
 from joiner.events import Impression
 from learners.bopr import norm_cdf
-from learners.embeddings import dense_features, score_vectors, serving_keys
+from learners.embeddings import dense_dim, dense_features, score_vectors, serving_keys
 from learners.ftrl import csr_rows, sigmoid
-from learners.model import catalog_key, make_hasher
+from learners.model import catalog_key, check_counted, make_hasher
 from learners.publish import ModelStore, ModelStoreError
 from learners.sampling import recalibrate
 
@@ -35,15 +38,7 @@ class Scorer:
         self._meta: dict | None = None
         self.version: str | None = None
         self._hasher = None
-
-    @classmethod
-    def from_config(cls, cfg) -> Scorer:
-        from features.store import from_config as features_from_config
-        from learners.publish import from_config as models_from_config
-
-        spec = FeatureSpec.from_config(cfg.features)
-        return cls(models_from_config(cfg, name=cfg.learn.store_name),
-                   features_from_config(cfg, spec.feature_names()), spec)
+        self._counts: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # dense input's
 
     def _use_version(self, version: str | None) -> dict:
         if version is None:
@@ -53,8 +48,10 @@ class Scorer:
             meta = self.models.get_meta(version)
             if meta is None:
                 raise ModelStoreError(f"model version {version} has no meta")
+            trained = check_counted(meta, self.spec, f"model version {version}")
             self._meta, self.version = meta, version
             self._hasher = make_hasher(meta)
+            self._counts = (tuple(trained.entities), tuple(trained.feature_names()))
         return self._meta
 
     def examples(self, user_id: str, item_ids: Sequence[str],
@@ -101,7 +98,7 @@ class Scorer:
         n = meta["fallback_rows"]
         user = serving_keys(examples[0]["user_id"], n) if examples else ()
         items = [k for e in examples for k in serving_keys(e["item_id"], n)]
-        dense = np.arange(len(dense_features([{}])[0]) + 1)
+        dense = np.arange(dense_dim(*self._counts) + 1)
         snap = self.models.read_consistent(
             vectors={"ftrl": keys, "bopr": keys, "dense": dense},
             rows={"user": list(user), "item": items},
@@ -125,7 +122,7 @@ class Scorer:
             p_bopr = recalibrate(p_bopr, meta["sample_rate"])
         u = _own_or_fallback(snap.rows["user"])
         v = _own_or_fallback(snap.rows["item"])
-        p_emb = score_vectors(np.repeat(u, m, axis=0), v, dense_features(examples),
+        p_emb = score_vectors(np.repeat(u, m, axis=0), v, dense_features(examples, *self._counts),
                               snap.vectors["dense"][:, 0])
         return [{"item_id": e["item_id"], "ftrl": float(a), "bopr": float(b),
                  "bopr_std": float(s), "emb": float(c)}

@@ -25,10 +25,10 @@ from confluent_kafka import Consumer, TopicPartition
 from ctrstream.produce import produce
 from ctrstream.simulator import MANIFEST_FILE, Faults, StreamSpec, read_truth
 from ctrstream.stack import LocalStack, create_topics, free_port
+from flows.build import model_store
 from flows.config import Config
 from flows.kafka import DeliveryError, read_topics
 from learners.archive import ExampleArchive
-from learners.publish import from_config as model_store
 from tests import tally
 from tests.integration.test_join_flow import (
     check_against_truth,

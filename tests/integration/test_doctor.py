@@ -11,10 +11,8 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from ctrstream.cli import main
 from ctrstream.stack import free_port
-from features.spec import FeatureSpec
-from features.store import FeatureStore, connect
-from features.store import from_config as feature_store
-from learners.publish import from_config as model_store
+from features.store import FeatureStore
+from flows.build import feature_spec, feature_store, model_store, redis_client
 
 pytestmark = pytest.mark.integration
 
@@ -63,10 +61,10 @@ def status(line: str) -> str:
 
 
 def test_healthy_deployment_is_all_ok(cfg, tmp_path, capsys):
-    spec = FeatureSpec.from_config(cfg.features)
+    spec = feature_spec(cfg)
     fs = feature_store(cfg, spec.feature_names())
     fs.write_many({("user", "u1"): dict.fromkeys(spec.feature_names(), 1)}, ts_ms=1_000)
-    ms = model_store(cfg, name=cfg.learn.store_name)
+    ms = model_store(cfg)
     version = ms.new_version()
     ms.put_meta(version, {"schema": 1})
     ms.publish(version)
@@ -78,6 +76,18 @@ def test_healthy_deployment_is_all_ok(cfg, tmp_path, capsys):
     assert f"file {tmp_path}" in lines["config"]
     assert f"version {version}" in lines["model store"]
     assert "all checks passed" in out
+
+
+def test_a_model_reading_counts_nobody_counts_fails(cfg, tmp_path, capsys):
+    ms = model_store(cfg)
+    version = ms.new_version()
+    ms.put_meta(version, {"spec": {"entities": {"device_hour": ["device", "hour"]},
+                                   "windows_ms": [60_000]}})
+    ms.publish(version)
+    code, lines, out, _ = doctor(cfg, tmp_path, capsys)
+    assert code == 1, out
+    assert status(lines["model store"]) == "FAIL"
+    assert "entity device_hour (device,hour), imp_1m, clk_1m" in lines["model store"], out
 
 
 def test_empty_stores_warn_but_pass(cfg, tmp_path, capsys):
@@ -111,8 +121,8 @@ def test_input_topics_with_different_partition_counts_fail(stack_cfg, tmp_path, 
 
 
 def test_feature_store_of_another_schema_fails(cfg, tmp_path, capsys):
-    spec = FeatureSpec.from_config(cfg.features)
-    newer = FeatureStore(connect(cfg), prefix=cfg.features.store_prefix, schema_version=99,
+    spec = feature_spec(cfg)
+    newer = FeatureStore(redis_client(cfg), prefix=cfg.features.store_prefix, schema_version=99,
                          feature_names=spec.feature_names())
     newer.write_many({("user", "u1"): {spec.feature_names()[0]: 1}}, ts_ms=1_000)
     code, lines, out, _ = doctor(cfg, tmp_path, capsys)
@@ -122,7 +132,7 @@ def test_feature_store_of_another_schema_fails(cfg, tmp_path, capsys):
 
 
 def test_feature_store_lacking_features_fails(cfg, tmp_path, capsys):
-    FeatureStore(connect(cfg), prefix=cfg.features.store_prefix, feature_names=["other"]
+    FeatureStore(redis_client(cfg), prefix=cfg.features.store_prefix, feature_names=["other"]
                  ).write_many({("user", "u1"): {"other": 1}}, ts_ms=1_000)
     code, lines, out, _ = doctor(cfg, tmp_path, capsys)
     assert code == 1, out
@@ -155,7 +165,7 @@ def test_kafka_unreachable_fails_fast(cfg, tmp_path, capsys):
 
 def test_secrets_are_never_printed(cfg, tmp_path, capsys, monkeypatch):
     user = f"doctor-{uuid.uuid4().hex[:8]}"  # an ACL user: the default user stays open
-    client = connect(cfg)
+    client = redis_client(cfg)
     client.acl_setuser(user, enabled=True, passwords=["+right-s3cret"], keys=["*"],
                        commands=["+@all"])
     client.close()

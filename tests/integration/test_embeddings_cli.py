@@ -13,10 +13,9 @@ import pytest
 from ctrstream.cli import main
 from ctrstream.embeddings import retrieve
 from ctrstream.stack import free_port
+from flows.build import feature_spec, model_settings, model_store, scorer
 from learners.embeddings import FALLBACK_PREFIX, serving_keys
 from learners.model import Models
-from learners.publish import from_config as model_store
-from learners.scorer import Scorer
 
 pytestmark = pytest.mark.integration
 
@@ -44,9 +43,9 @@ def published(stack_cfg, tmp_path_factory):
     cfg = stack_cfg.replace(learn={"store_name": f"emb{tag}", "emb_dim": 8,
                                    "emb_fallback_rows": 64},
                             features={"store_prefix": f"f{tag}"})
-    models = Models(cfg.learn)
+    models = Models(model_settings(cfg), feature_spec(cfg))
     models.learn(synthetic(600))
-    store = model_store(cfg, name=cfg.learn.store_name)
+    store = model_store(cfg)
     version = models.write_version(store, "online", None)
     store.publish(version)
     path = tmp_path_factory.mktemp("emb-cli") / "ctrstream.toml"
@@ -131,9 +130,9 @@ def test_recommend_retrieves_like_brute_force_and_reranks_with_the_scorer(publis
     np.testing.assert_allclose([c["retrieval"] for c in got["candidates"]],
                                [s for _, s in want], rtol=0, atol=1e-9)
 
-    scores = Scorer.from_config(cfg).score(user, [i for i, _ in want], CONTEXT)
+    scores = scorer(cfg).score(user, [i for i, _ in want], CONTEXT)
     # the learner's own p for the same inputs (the scorer is tested against it elsewhere)
-    _, examples = Scorer.from_config(cfg).examples(user, [i for i, _ in want], CONTEXT)
+    _, examples = scorer(cfg).examples(user, [i for i, _ in want], CONTEXT)
     np.testing.assert_allclose([s["emb"] for s in scores], models.predict(examples)["emb"],
                                rtol=0, atol=1e-6)
     ranked = sorted(scores, key=lambda s: s["emb"], reverse=True)[:5]
@@ -156,7 +155,7 @@ def test_recommend_retrieves_like_brute_force_and_reranks_with_the_scorer(publis
 
 def test_retrieve_in_small_scan_batches_gives_the_same_candidates(published):
     _, cfg, models, version = published
-    store = model_store(cfg, name=cfg.learn.store_name)
+    store = model_store(cfg)
     u = learner_row(models, "user", "u5")
     whole, n = retrieve(store, version, u, 25, batch=5000)
     small, m = retrieve(store, version, u, 25, batch=8)

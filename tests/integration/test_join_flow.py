@@ -18,7 +18,7 @@ import pytest
 from ctrstream.produce import produce
 from ctrstream.simulator import Faults, StreamSpec, expected_labels, read_truth
 from features.spec import window_label
-from features.store import from_config
+from flows.build import feature_store
 from flows.kafka import read_topics
 from flows.run import run_flow
 
@@ -147,7 +147,7 @@ def check_counts_against_recount(cfg, examples: list, truth) -> None:
                                  ex["impression_id"])
                     checked += 1
     assert checked > 0
-    store = from_config(cfg)
+    store = feature_store(cfg)
     t = truth.to_pydict()
     for entity, ids in (("user", t["user_id"][:200]), ("item", t["item_id"][:200])):
         for id, row in zip(ids, store.get_many(entity, ids), strict=True):

@@ -17,13 +17,14 @@ import pytest
 
 from ctrstream.produce import produce
 from ctrstream.simulator import Faults, StreamSpec
+from flows.build import feature_spec, model_settings, model_store
+from flows.build import scorer as make_scorer
 from flows.kafka import read_topics
 from flows.learn import stats_path
 from flows.run import run_flow
+from joiner.events import why_not_learnable
 from learners.archive import ExampleArchive
-from learners.model import Models, usable
-from learners.publish import from_config as model_store
-from learners.scorer import Scorer
+from learners.model import Models
 from tests.integration.test_join_flow import flow_log, flow_process, run_to_end
 
 pytestmark = pytest.mark.integration
@@ -62,7 +63,7 @@ def expected_counts(records: list[dict]) -> dict:
     examples = [r for r in records if r["kind"] == "example"]
     ids = {r["impression_id"] for r in examples}
     return {"in": len(records), "learned": len({r["impression_id"] for r in examples
-                                                 if usable(r)}),
+                                                 if why_not_learnable(r) is None}),
             "duplicates": len(examples) - len(ids),
             "corrections": len(records) - len(examples), "dead_letters": 0}
 
@@ -88,11 +89,11 @@ def test_learn_flow_learns_publishes_and_scores_from_redis(joined):
             assert 0.85 < m["calibration"] < 1.15, (name, m)
 
     # The scores read from Redis are the learner's own predictions for the same input.
-    store = model_store(cfg, name=cfg.learn.store_name)
+    store = model_store(cfg)
     version = store.current()
     assert store.get_meta(version)["examples"] == stats["counts"]["learned"]
-    models = Models.load(cfg.learn, store, version)
-    scorer = Scorer.from_config(cfg)
+    models = Models.load(model_settings(cfg), feature_spec(cfg), store, version)
+    scorer = make_scorer(cfg)
     rng = np.random.default_rng(0)
     sample = [records[i] for i in rng.choice(len(records), 30, replace=False)]
     items = sorted({r["item_id"] for r in sample if "item_id" in r})[:10] + ["never-seen"]
@@ -141,5 +142,5 @@ def test_sigkill_mid_stream_then_resume_learns_each_example_once(joined, tmp_pat
     proc = flow_process(cfg_path, "learn", "--until-eof")
     run_to_end(proc, 120)
     stats = check_learned_once(cfg, records)
-    store = model_store(cfg, name=cfg.learn.store_name)
+    store = model_store(cfg)
     assert store.get_meta(store.current())["examples"] == stats["counts"]["learned"]

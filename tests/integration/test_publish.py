@@ -14,8 +14,8 @@ import redis
 from redis.cluster import RedisCluster
 
 from ctrstream.stack import REDIS_SERVER, free_port
-from features.store import connect
-from learners.publish import ModelStore, ModelStoreError, PublishConflict, from_config
+from flows.build import model_store, redis_client
+from learners.publish import ModelStore, ModelStoreError, PublishConflict
 
 pytestmark = pytest.mark.integration
 
@@ -293,7 +293,7 @@ def test_concurrent_reader_never_sees_a_mix(store, stack_cfg):
     assert current == "1"
 
     def read() -> None:
-        reader = ModelStore(connect(stack_cfg))
+        reader = ModelStore(redis_client(stack_cfg))
         try:
             while not stop.is_set():
                 snap = reader.read_consistent(vectors={"bopr": keys}, rows={"user": ids})
@@ -329,8 +329,8 @@ def test_concurrent_reader_never_sees_a_mix(store, stack_cfg):
     assert [int(s) for s in seen] == sorted(int(s) for s in seen)  # never back in time
 
 
-def test_from_config(stack_cfg):
-    store = from_config(stack_cfg, name="other", keep_days=2)
+def test_model_store_from_the_config(stack_cfg):
+    store = model_store(stack_cfg, name="other", keep_days=2)
     try:
         assert store.keep_ms == 2 * DAY_MS and store.pointer_key == "m:{other}:current"
         v = store.new_version()

@@ -18,7 +18,8 @@ import pytest
 
 from ctrstream.report import FIGURES, write_report
 from ctrstream.stack import free_port
-from features.store import FeatureStore, connect
+from features.store import FeatureStore
+from flows.build import redis_client
 from flows.config import Config
 from learners.archive import ExampleArchive
 
@@ -78,7 +79,7 @@ def make_data_dir(cfg: Config) -> dict:
     archive.append_corrections(corrections)
     d = np.sort(delays[clicked]) / 60_000
 
-    store = FeatureStore(connect(cfg), prefix=cfg.features.store_prefix,
+    store = FeatureStore(redis_client(cfg), prefix=cfg.features.store_prefix,
                          feature_names=["imp_5m", "clk_5m"])
     newest = T0 + 3_600_000
     store.write_many({("user", f"u{i}"): {"imp_5m": i, "clk_5m": 0} for i in range(40)}, newest)

@@ -27,14 +27,14 @@ from ctrstream.simulator import DEVICES, MS_PER_DAY, World
 from ctrstream.stack import free_port
 from features.counters import EntityCounters
 from features.spec import FeatureSpec
-from flows.config import GeneratorConfig, LearnConfig
+from flows.build import feature_spec, model_settings, model_store, retrain_settings
+from flows.config import GeneratorConfig
 from flows.learn import LearnLogic
 from joiner.events import Impression
 from learners.archive import ExampleArchive
 from learners.metrics import normalized_entropy
-from learners.model import MODELS, Models
+from learners.model import MODELS, Models, ModelSettings
 from learners.publish import ModelStore
-from learners.publish import from_config as model_store
 from learners.retrain import (
     find_base,
     ne_difference_se,
@@ -121,7 +121,7 @@ def archive_of(cfg) -> ExampleArchive:
 
 
 def store_of(cfg) -> ModelStore:
-    return model_store(cfg, name=cfg.learn.store_name, keep_days=cfg.learn.keep_days)
+    return model_store(cfg)
 
 
 def run_cli(cfg, tmp_path: Path, *args: str) -> int:
@@ -144,7 +144,7 @@ def one_day() -> Sim:
     """A simulated day (2023-11-15, ~22k impressions) learned online in order: each example
     carries the online models' progressive predictions (``online_p``)."""
     sim = simulate(MIDNIGHT, 86_400, 0.25, seed=3)
-    Models(LearnConfig()).learn(sim.examples, annotate=True)
+    Models(ModelSettings(), FeatureSpec()).learn(sim.examples, annotate=True)
     return sim
 
 
@@ -204,13 +204,13 @@ def test_same_archive_seed_and_base_give_the_same_model_bytes(configs, one_day):
     for _ in range(2):
         c = configs(max_ne_regression=1.0)
         store = store_of(c)
-        res = retrain(c.learn, DAY, store, archive)
+        res = retrain(retrain_settings(c), DAY, store, archive)
         assert res.status == "published" and res.base is None, res.reason
         assert store.current() == res.version
         blobs.append(store.get_blob(res.version, "models"))
         assert blobs[-1] == res.models.to_bytes()
     assert blobs[0] == blobs[1]
-    other = retrain(cfg.learn, DAY, store_of(cfg), archive, seed=1, dry_run=True)
+    other = retrain(retrain_settings(cfg), DAY, store_of(cfg), archive, seed=1, dry_run=True)
     assert other.status == "dry_run" and other.models.to_bytes() != blobs[0]
     assert store_of(cfg).versions() == []  # a dry run writes nothing
 
@@ -275,7 +275,7 @@ def test_nothing_to_compare_with_is_a_refusal_that_says_why(configs, one_day):
     sim = one_day
     cfg = configs()
     bare = [{k: v for k, v in e.items() if k != "online_p"} for e in sim.examples]
-    res = retrain(cfg.learn, DAY, store_of(cfg), fill(cfg, sim, bare))
+    res = retrain(retrain_settings(cfg), DAY, store_of(cfg), fill(cfg, sim, bare))
     assert res.status == "refused" and res.online_coverage == 0.0
     assert res.reason.startswith(f"the online predictions are missing for "
                                  f"{res.holdout_examples:,} of {res.holdout_examples:,}")
@@ -285,28 +285,28 @@ def test_nothing_to_compare_with_is_a_refusal_that_says_why(configs, one_day):
     no_clicks = sim.examples[:cut] + [{**e, "label": 0} for e in sim.examples[cut:]]
     archive = archive_of(cfg)
     archive.append(no_clicks)
-    res = retrain(cfg.learn, DAY, store_of(cfg), archive)
+    res = retrain(retrain_settings(cfg), DAY, store_of(cfg), archive)
     assert res.status == "refused"
     assert res.reason == (f"the holdout ({res.holdout_examples:,} examples) has no positive: "
                           "NE is undefined")
 
 
-def _write(store: ModelStore, lc, source: str, date: str | None) -> str:
-    return Models(lc).write_version(store, source, parent=None,
-                                    extra={"date": date} if date else None)
+def _write(store: ModelStore, cfg, source: str, date: str | None) -> str:
+    models = Models(model_settings(cfg), feature_spec(cfg))
+    return models.write_version(store, source, parent=None, extra={"date": date} if date else None)
 
 
 @pytest.mark.integration
 def test_warm_start_is_the_newest_retrain_of_an_earlier_day(configs, one_day):
     sim = one_day
     cfg = configs(max_ne_regression=1.0)
-    lc, store = cfg.learn, store_of(cfg)
-    _write(store, lc, "retrain", "2023-11-13")
-    base = _write(store, lc, "retrain", "2023-11-14")
-    _write(store, lc, "online", None)
-    expired = _write(store, lc, "retrain", "2023-11-14")
+    lc, store = retrain_settings(cfg), store_of(cfg)
+    _write(store, cfg, "retrain", "2023-11-13")
+    base = _write(store, cfg, "retrain", "2023-11-14")
+    _write(store, cfg, "online", None)
+    expired = _write(store, cfg, "retrain", "2023-11-14")
     store.client.delete(store.key(expired, "keys"))  # as when its TTL ran out
-    same_day = _write(store, lc, "retrain", DAY)  # an earlier run for the same day
+    same_day = _write(store, cfg, "retrain", DAY)  # an earlier run for the same day
     assert find_base(store, DAY)[0] == base
     assert find_base(store, "2023-11-16")[0] == same_day
     assert find_base(store, "2023-11-13") == (None, None)
@@ -317,13 +317,13 @@ def test_warm_start_is_the_newest_retrain_of_an_earlier_day(configs, one_day):
 
     # A base whose hasher differs from the config cannot be continued: fresh models.
     other = cfg.replace(learn={"hash_bits": 18})  # the config's: 16
-    _write(store, other.learn, "retrain", "2023-11-14")
+    _write(store, other, "retrain", "2023-11-14")
     res = retrain(lc, DAY, store, archive_of(cfg), dry_run=True)
     assert res.base is None
     assert res.warnings[-1].endswith("its hash_bits is 18, the config's 16")
 
     # A retrain of a later day exists: publishing this day's would go back in time.
-    later = _write(store, lc, "retrain", "2023-11-16")
+    later = _write(store, cfg, "retrain", "2023-11-16")
     res = retrain(lc, DAY, store, archive_of(cfg))
     assert res.status == "refused"
     assert f"version {later} is a retrain of a later day (2023-11-16)" in res.reason
@@ -335,11 +335,11 @@ class RacingStore(ModelStore):
 
     def __init__(self, cfg, racer_source: str) -> None:
         super().__init__(store_of(cfg).client, cfg.learn.store_name, cfg.learn.keep_days)
-        self.lc, self.racer_source, self.racer = cfg.learn, racer_source, None
+        self.cfg, self.racer_source, self.racer = cfg, racer_source, None
 
     def publish(self, version, expected_current="*", keep_days=None):
         if self.racer is None:
-            self.racer = _write(self, self.lc, self.racer_source,
+            self.racer = _write(self, self.cfg, self.racer_source,
                                 DAY if self.racer_source == "retrain" else None)
             super().publish(self.racer)
         return super().publish(version, expected_current, keep_days)
@@ -354,7 +354,7 @@ def test_publishes_over_the_learn_flows_version_but_not_another_retrains(
     fill(cfg, sim)
     logic = LearnLogic(cfg, None)  # the learn flow, in-process: publishes its first version
     store = RacingStore(cfg, "online")
-    res = retrain(cfg.learn, DAY, store, archive_of(cfg))
+    res = retrain(retrain_settings(cfg), DAY, store, archive_of(cfg))
     assert res.status == "published" and res.published_over == [store.racer]
     assert store.current() == res.version and res.previous == store.racer
     # The online version replaced expires like the learn flow's own: online_keep_hours.
@@ -440,7 +440,8 @@ def test_two_days_retrain_at_the_boundary_beats_online_only_on_day_two(configs, 
     first = logic.trainer.version
     _feed(logic, _stream(sim, MIDNIGHT, day2))
     logic.snapshot()  # an epoch ends: the archive is flushed
-    online_only = Models.from_bytes(cfg.learn, logic.trainer.models.to_bytes())
+    online_only = Models.from_bytes(model_settings(cfg), feature_spec(cfg),
+                                    logic.trainer.models.to_bytes())
     t_day1 = time.perf_counter()
 
     assert run_cli(cfg, tmp_path, "--date", DAY) == 0

@@ -14,8 +14,8 @@ import pytest
 import redis
 
 from ctrstream.stack import REDIS_SERVER, free_port
-from features.store import BufferedWriter, FeatureStore, StoreUnavailable, connect, redact_url
-from features.store import from_config as store_from_config
+from features.store import BufferedWriter, FeatureStore, StoreUnavailable, redact_url
+from flows.build import feature_store, redis_client
 from flows.config import Config, ConfigError
 
 pytestmark = pytest.mark.integration
@@ -73,7 +73,7 @@ def test_store_connects_with_acl_user_password_and_tls(secure_redis):
     cfg = Config().replace(redis={"url": f"rediss://127.0.0.1:{port}/0", "username": "app",
                                   "password": PASSWORD, "ssl_ca_certs": str(ca)},
                            features={"store_prefix": "sec"})
-    store = store_from_config(cfg, NAMES)
+    store = feature_store(cfg, NAMES)
     store.write_many({("user", "u1"): {"clicks_1h": 3}}, 1000)
     assert store.get("user", "u1")["clicks_1h"] == 3
     assert PASSWORD not in repr(cfg) and PASSWORD not in store.where
@@ -91,7 +91,7 @@ def test_refused_connections_say_so_without_the_secret(secure_redis, change, cap
                 "socket_timeout_s": 1.0, "retries": 0}
     settings |= {k: v.format(port=port) for k, v in change.items()}
     cfg = Config().replace(redis=settings)
-    store = FeatureStore(connect(cfg), feature_names=NAMES, prefix="sec",
+    store = FeatureStore(redis_client(cfg), feature_names=NAMES, prefix="sec",
                          where=redact_url(cfg.redis.url))
     w = BufferedWriter(store, give_up_s=0.3, backoff_initial_s=0.05)
     w.put("user", "u1", {"clicks_1h": 1}, 1)
@@ -105,4 +105,4 @@ def test_refused_connections_say_so_without_the_secret(secure_redis, change, cap
 def test_a_ca_for_a_plain_text_connection_is_a_config_error():
     cfg = Config().replace(redis={"url": "redis://127.0.0.1:1/0", "ssl_ca_certs": "/ca.crt"})
     with pytest.raises(ConfigError, match="rediss://"):
-        connect(cfg)
+        redis_client(cfg)

@@ -16,8 +16,8 @@ from features.store import (
     FeatureStore,
     SchemaMismatch,
     StoreUnavailable,
-    connect,
 )
+from flows.build import redis_client
 from flows.config import Config
 
 pytestmark = pytest.mark.integration
@@ -176,7 +176,7 @@ def private_redis(tmp_path):
 
 def test_buffered_writer_keeps_values_across_a_redis_restart(private_redis, caplog):
     cfg = Config().replace(redis={"url": f"redis://127.0.0.1:{private_redis.port}/0"})
-    store = FeatureStore(connect(cfg), feature_names=NAMES)
+    store = FeatureStore(redis_client(cfg), feature_names=NAMES)
     w = BufferedWriter(store, max_pending=1000, give_up_s=0.3, backoff_initial_s=0.02)
     w.put("user", "1", {"clicks_1h": 1}, 1)
     w.flush()
@@ -203,7 +203,7 @@ def test_buffered_writer_keeps_values_across_a_redis_restart(private_redis, capl
 
 def test_buffered_writer_never_logs_the_password(caplog):
     url = f"redis://app:s3cret-pw@127.0.0.1:{free_port()}/0"  # nothing listens there
-    store = FeatureStore(connect(Config().replace(redis={"url": url})), feature_names=NAMES)
+    store = FeatureStore(redis_client(Config().replace(redis={"url": url})), feature_names=NAMES)
     w = BufferedWriter(store, give_up_s=0.1, backoff_initial_s=0.02)
     w.put("user", "1", {"clicks_1h": 1}, 1)
     with caplog.at_level(logging.DEBUG), pytest.raises(StoreUnavailable) as e:

@@ -10,8 +10,8 @@ import uuid
 import orjson
 import pytest
 
+from flows.build import model_store
 from flows.learn import trainer
-from learners.publish import from_config as model_store
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ import ctrstream.score
 from ctrstream.cli import main
 from ctrstream.stack import StackError
 from ctrstream.text import age
-from features.spec import split_names
+from features.spec import NotCounted, split_names
 from features.store import MetaMissing, SchemaMismatch, StoreUnavailable
 from flows.config import ConfigError
 from flows.kafka import DeliveryError
@@ -32,6 +32,8 @@ EXIT_CODES = [
     (ConfigError("join.wait_window_ms: must be > 0, got -1"), 2),
     (BadEvent("missing field 'ts'"), 2),
     (NoArchive("2024-01-02", "/data/archive", ["2024-01-01"]), 2),
+    (NotCounted("model version 7 was trained on count features that are not counted now: "
+                "imp_1m, clk_1m"), 2),
     (PublishConflict("the pointer moved", "v2", "v1"), 4),
     (RetrainConflict("version v3 was made current", "v4", "v3"), 4),
 ]

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from features.spec import FeatureSpec
+from flows.build import feature_spec
 from flows.config import Config, ConfigError, load_config
 from joiner.events import Impression
 
@@ -124,12 +124,12 @@ def test_spec_from_config_adds_and_removes_entities(tmp_path):
     f = tmp_path / "c.toml"
     f.write_text('[features]\nwindows_ms = [30000, 3600000]\n'
                  '[features.entities]\nuser_device = "user_id, device"\ncategory = ""\n')
-    spec = FeatureSpec.from_config(load_config(f, environ={}).features)
+    spec = feature_spec(load_config(f, environ={}))
     assert spec.entities["user_device"] == ("user_id", "device")
     assert "category" not in spec.entities and "user" in spec.entities
     assert spec.feature_names()[:2] == ["imp_30s", "clk_30s"]
     im = Impression("x", 5, "u", "i", {"device": "mobile"})
     assert ("user_device", "u|mobile") in spec.entity_ids(im)
-    bad = load_config(environ={"CTRSTREAM_FEATURES__TILES_PER_WINDOW": "0"}).features
-    with pytest.raises(ValueError, match="features.tiles_per_window"):
-        FeatureSpec.from_config(bad)
+    bad = load_config(environ={"CTRSTREAM_FEATURES__TILES_PER_WINDOW": "0"})
+    with pytest.raises(ConfigError, match="features.tiles_per_window"):
+        feature_spec(bad)
