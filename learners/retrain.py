@@ -395,7 +395,7 @@ def learn_holdout(models: Models, table: pa.Table,
                 else:
                     for e in examples:
                         e.pop("online_p", None)  # the online models'; Models.learn sets ours
-                    models.learn(examples, annotate=True)
+                    models.learn(examples, annotate=True, checked=True)  # load_day did
                     for m in MODELS:
                         progressive[m][s:s + k] = [e["online_p"][m] for e in examples]
                 if bar is not None:

@@ -164,7 +164,7 @@ class OnlineTrainer:
             # Written to the archive at the next flush, after learning: each example then
             # carries the predictions made before it was learned.
             self.to_archive += examples
-            got = self.models.learn(examples, annotate=True)
+            got = self.models.learn(examples, annotate=True, checked=True)
             self.counts["learned"] += got["examples"]
             self.counts["skipped"] += len(examples) - got["examples"]
         self.on_time(self.clock())

@@ -24,7 +24,8 @@ class FakeModels:
         self.batches: list[list[dict]] = []
         self.learned = list(learned or [])
 
-    def learn(self, examples, annotate=False):
+    def learn(self, examples, annotate=False, checked=False):
+        assert checked, "the trainer applies the learnable rule itself"
         self.batches.append(list(examples))
         for e in examples:
             self.learned.append(e["impression_id"])
