@@ -389,4 +389,9 @@ def load_config(path: str | os.PathLike | None = None,
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path}: {e}") from None
     data = _merge(data, _from_env(environ))
-    return _build(Config, data, "")
+    cfg = _build(Config, data, "")
+    f = cfg.features
+    if f.pit_delay_ms > f.allowed_lateness_ms:  # the scheduler counts lateness - delay ahead
+        raise ConfigError(f"features.pit_delay_ms: must not exceed features.allowed_lateness_ms "
+                          f"({f.allowed_lateness_ms}), got {f.pit_delay_ms}")
+    return cfg

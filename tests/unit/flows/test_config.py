@@ -133,3 +133,9 @@ def test_spec_from_config_adds_and_removes_entities(tmp_path):
     bad = load_config(environ={"CTRSTREAM_FEATURES__TILES_PER_WINDOW": "0"})
     with pytest.raises(ConfigError, match="features.tiles_per_window"):
         feature_spec(bad)
+
+
+def test_pit_delay_longer_than_the_lateness_names_both_keys():
+    env = {"CTRSTREAM_FEATURES__PIT_DELAY_MS": "200000"}
+    with pytest.raises(ConfigError, match="features.pit_delay_ms.*allowed_lateness_ms"):
+        load_config(environ=env)
