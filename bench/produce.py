@@ -19,11 +19,14 @@ import time
 import uuid
 from pathlib import Path
 
-from ctrstream.produce import PRODUCER_SETTINGS, produce
-from ctrstream.simulator import EventStream, StreamSpec
-from ctrstream.stack import LocalStack, create_topics, free_port
-from flows.config import Config
-from flows.kafka import make_producer
+# The project before bench/: bench/features.py would shadow the `features` package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ctrstream.produce import PRODUCER_SETTINGS, produce  # noqa: E402
+from ctrstream.simulator import EventStream, StreamSpec  # noqa: E402
+from ctrstream.stack import LocalStack, create_topics, free_port  # noqa: E402
+from flows.config import Config  # noqa: E402
+from flows.kafka import make_producer  # noqa: E402
 
 
 def fresh_topics(cfg: Config, label: str) -> Config:

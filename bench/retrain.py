@@ -30,13 +30,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.test_retrain import DAY, MIDNIGHT, simulate  # noqa: E402
-
 from ctrstream.stack import Component, free_port  # noqa: E402
 from learners.archive import ExampleArchive  # noqa: E402
 from learners.model import Models  # noqa: E402
 from learners.publish import ModelStore  # noqa: E402
 from learners.retrain import RetrainSettings, retrain  # noqa: E402
+from tests.integration.test_retrain import DAY, MIDNIGHT, simulate  # noqa: E402
 
 
 def main() -> None:
