@@ -19,6 +19,7 @@ from ctrstream import (
     retrain,
     run,
     score,
+    serve,
     stack,
 )
 from features.store import redact_url
@@ -26,7 +27,8 @@ from flows.config import Config, load_config
 from joiner.errors import CtrstreamError
 
 # The modules that add subcommands, in the order `--help` lists them.
-COMMANDS = [stack, produce, run, features, score, doctor, embeddings, retrain, report]
+COMMANDS = [stack, produce, run, features, score, serve, doctor, embeddings, retrain,
+            report]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -177,7 +177,7 @@ def _part(argv: list[str]) -> str | None:
 
 
 def test_manifests_run_every_part():
-    expected = {"topics", "run join", "run learn", "retrain"}
+    expected = {"topics", "run join", "run learn", "retrain", "serve"}
     for prefix in ("compose", "k8s"):
         assert {_part(a) for w, a in INVOCATIONS if w.startswith(prefix)} == expected, prefix
     assert [_part(a) for w, a in INVOCATIONS if w.startswith("cron")] == ["retrain"]
@@ -638,3 +638,21 @@ def test_compose_services_fit_together():
     assert SERVICES["topics"]["restart"] == "no"
     for name in ("kafka", "redis"):
         assert SERVICES[name]["healthcheck"]["test"], name
+
+
+def test_serve_is_ready_on_healthz_behind_its_service():
+    (dep,) = _objects("Deployment").values()
+    (c,) = _pod_spec(dep)["containers"]
+    argv = _argv(c)
+    port = int(_flag(argv, "--port"))
+    assert _flag(argv, "--host") == "0.0.0.0", "a pod must listen beyond loopback"
+    names = {p["name"]: p["containerPort"] for p in c["ports"]}
+    probe = c["readinessProbe"]["httpGet"]
+    assert probe["path"] == "/healthz" and names[probe["port"]] == port
+    svc = _objects("Service")[dep["metadata"]["name"]]
+    assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    assert [names[p["targetPort"]] for p in svc["spec"]["ports"]] == [port]
+    serve = SERVICES["serve"]
+    cport = int(_flag(serve["command"], "--port"))
+    assert f":{cport}/healthz" in " ".join(serve["healthcheck"]["test"])
+    assert any(p.endswith(f":{cport}") for p in serve["ports"])
