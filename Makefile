@@ -45,12 +45,16 @@ demo: install
 
 bench: install
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	@command -v wrk >/dev/null 2>&1 || { \
+	  echo "installing wrk (apt)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk >/dev/null; }
 	$(BIN)/python bench/produce.py
 	$(BIN)/python bench/join.py
 	$(BIN)/python bench/features.py
 	$(BIN)/python bench/learners.py
 	$(BIN)/python bench/publish.py
 	$(BIN)/python bench/embeddings_core.py
+	$(BIN)/python bench/serving.py
 
 lint: install
 	$(BIN)/ruff check .

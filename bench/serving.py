@@ -1,0 +1,227 @@
+"""Serving benchmarks, on a private redis-server (loopback, a free port, stopped at the end) with
+a small published model and count features for every user and item:
+
+[1] `Scorer.score(user, 100 items)` in process, p50/p99: the floor for [2];
+[2] HTTP `POST /score` of the same requests to `ctrstream serve` (a subprocess), from wrk
+    (Debian's package; closed loop: each connection sends its next request when the last one
+    is answered) at 1 and 16 concurrent connections: p50/p99 and requests/s, beside
+    `GET /healthz` (one Redis PING and GET: the framework's and the thread pool's own cost)
+    under the same load. Without wrk, a Python load generator (httpx, asyncio) stands in
+    and says so.
+
+    python bench/serving.py [--seconds 5] [--items 100] [--json]
+
+The load generator runs on the same machine and competes with the server for CPU: the HTTP
+figures are an upper bound of what the server alone costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ctrstream.stack import Component, free_port  # noqa: E402
+from flows.build import (  # noqa: E402
+    feature_spec,
+    feature_store,
+    model_settings,
+    model_store,
+    scorer,
+)
+from flows.config import Config  # noqa: E402
+from learners.model import Models  # noqa: E402
+from tests.integration.test_embeddings_cli import CONTEXT, synthetic  # noqa: E402
+
+USERS, ITEMS = 40, 400
+
+
+def pcts(times_s: list[float]) -> tuple[float, float]:
+    p50, p99 = np.percentile(np.array(times_s) * 1000, [50, 99])
+    return float(p50), float(p99)
+
+
+def setup(cfg: Config) -> None:
+    models = Models(model_settings(cfg), feature_spec(cfg))
+    models.learn(synthetic(3000, users=USERS, items=ITEMS))
+    store = model_store(cfg)
+    store.publish(models.write_version(store, "online", None))
+    writer = feature_store(cfg, feature_spec(cfg).feature_names())
+    names, now = writer.feature_names, int(time.time() * 1000)
+    for entity, n in (("user", USERS), ("item", ITEMS)):
+        writer.write_many({(entity, f"{entity[0]}{k}"): {f: (k * 7 + j) % 50
+                                                          for j, f in enumerate(names)}
+                           for k in range(n)}, now)
+
+
+def requests_for(n: int, items: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"user": f"u{rng.integers(USERS)}",
+             "items": [f"i{k}" for k in rng.choice(ITEMS, items, replace=False)],
+             "context": CONTEXT} for _ in range(n)]
+
+
+async def load(base: str, method: str, path: str, bodies: list[dict] | None, clients: int,
+               seconds: float) -> dict:
+    times: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as http:
+        stop = time.perf_counter() + seconds
+
+        async def client(c: int) -> None:
+            nonlocal errors
+            k = c
+            while time.perf_counter() < stop:
+                content = orjson.dumps(bodies[k % len(bodies)]) if bodies else None
+                k += clients
+                t0 = time.perf_counter()
+                r = await http.request(method, path, content=content,
+                                       headers={"content-type": "application/json"})
+                times.append(time.perf_counter() - t0)
+                errors += r.status_code != 200
+
+        for c in range(clients):  # warm up: connections and the scorers' caches
+            await http.request(method, path, content=orjson.dumps(bodies[c]) if bodies else None)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(c) for c in range(clients)))
+        wall = time.perf_counter() - t0
+    p50, p99 = pcts(times)
+    return {"p50_ms": p50, "p99_ms": p99, "rps": len(times) / wall, "n": len(times),
+            "errors": errors}
+
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local bodies = {%s}
+local i = 0
+request = function()
+  i = i + 1
+  return wrk.format(nil, nil, nil, bodies[(i %% #bodies) + 1])
+end
+"""
+
+
+def _ms(value: str) -> float:
+    num, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value).groups()
+    return float(num) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
+
+
+def wrk(base: str, path: str, bodies: list[dict] | None, clients: int, seconds: float,
+        state: Path) -> dict:
+    """GET ``path``, or POST each of ``bodies`` in turn, from wrk's ``clients`` connections."""
+    cmd = ["wrk", "-t1", f"-c{clients}", f"-d{seconds:g}s", "--latency", "--timeout", "10s"]
+    if bodies:
+        script = state / "score.lua"
+        script.write_text(WRK_SCRIPT % ", ".join(f"[==[{orjson.dumps(b).decode()}]==]"
+                                                  for b in bodies))
+        cmd += ["-s", str(script)]
+    text = subprocess.run([*cmd, base + path], capture_output=True, text=True,
+                          check=True).stdout
+    pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", text, re.M))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    errors = int(bad.group(1)) if bad else 0
+    errors += sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", text))
+    return {"p50_ms": _ms(pct["50"]), "p99_ms": _ms(pct["99"]),
+            "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1)),
+            "n": int(re.search(r"(\d+) requests in", text).group(1)), "errors": errors}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=5.0, help="per load level")
+    ap.add_argument("--items", type=int, default=100, help="items per /score request")
+    ap.add_argument("--trials", type=int, default=1000, help="in-process score calls")
+    ap.add_argument("--json", action="store_true", help="print one JSON object last")
+    args = ap.parse_args(argv)
+    state = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    server = Component("redis", free_port(), state)
+    server.start(20)
+    proc = None
+    out: dict = {}
+    try:
+        cfg = Config().replace(redis={"url": f"redis://127.0.0.1:{server.port}/0"},
+                               learn={"emb_dim": 16, "emb_fallback_rows": 256})
+        setup(cfg)
+        bodies = requests_for(200, args.items)
+
+        s = scorer(cfg)
+        s.score(**{"user_id": bodies[0]["user"], "item_ids": bodies[0]["items"],
+                   "context": CONTEXT})
+        times = []
+        for k in range(args.trials):
+            b = bodies[k % len(bodies)]
+            t0 = time.perf_counter()
+            s.score(b["user"], b["items"], b["context"])
+            times.append(time.perf_counter() - t0)
+        p50, p99 = pcts(times)
+        out.update(score_p50_ms=p50, score_p99_ms=p99)
+        print(f"[1] Scorer.score(1 user x {args.items} items), in process: "
+              f"p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  ({args.trials} calls)")
+
+        cfg_path = state / "ctrstream.toml"
+        cfg_path.write_text(cfg.to_toml())
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "ctrstream.cli", "--config",
+                                 str(cfg_path), "serve", "--port", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(base + "/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"ctrstream serve did not start: {proc.stderr.read()[-2000:]}")
+            time.sleep(0.1)
+
+        use_wrk = shutil.which("wrk") is not None
+        print(f"[2] HTTP, closed loop, {args.seconds:.0f} s per line, load from "
+              + ("wrk" if use_wrk else "httpx (no wrk: apt-get install wrk)")
+              + " on the same machine")
+        for clients in (1, 16):
+            if use_wrk:  # 1 s first: every scorer of the pool made and its caches warm
+                wrk(base, "/score", bodies, clients, 1, state)
+                sc = wrk(base, "/score", bodies, clients, args.seconds, state)
+                hz = wrk(base, "/healthz", None, clients, args.seconds, state)
+            else:
+                sc = asyncio.run(load(base, "POST", "/score", bodies, clients, args.seconds))
+                hz = asyncio.run(load(base, "GET", "/healthz", None, clients, args.seconds))
+            for name, r in ((f"POST /score ({args.items} items)", sc), ("GET /healthz", hz)):
+                print(f"    c={clients:<2} {name:<24} p50 {r['p50_ms']:6.2f} ms  "
+                      f"p99 {r['p99_ms']:6.2f} ms  {r['rps']:7.0f} req/s  "
+                      f"({r['n']} requests, {r['errors']} not 200)")
+            out.update({f"http_score_p50_ms_c{clients}": sc["p50_ms"],
+                        f"http_score_p99_ms_c{clients}": sc["p99_ms"],
+                        f"http_rps_c{clients}": sc["rps"],
+                        f"http_healthz_p99_ms_c{clients}": hz["p99_ms"],
+                        f"http_healthz_rps_c{clients}": hz["rps"]})
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        server.stop()
+    if args.json:
+        print(orjson.dumps({k: round(v, 3) for k, v in out.items()}).decode())
+
+
+if __name__ == "__main__":
+    main()
