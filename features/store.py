@@ -246,14 +246,24 @@ class FeatureStore:
     def get_pairs(self, pairs: list[tuple[str, str]]) -> list[Row]:
         """`get` for many (entity, id) pairs in one round trip (one pipeline of HMGETs, led by
         the meta key so a schema change is noticed on every read at no extra round trip)."""
+        pipe = self.client.pipeline(transaction=False)
+        self.queue_pairs(pipe, pairs)
+        return self.decode_pairs(pipe.execute())
+
+    def queue_pairs(self, pipe, pairs: list[tuple[str, str]]) -> int:
+        """Queue the reads of `get_pairs` on ``pipe`` (a caller's pipeline, to share its round
+        trip); returns how many replies they make, which `decode_pairs` takes in order."""
         for entity in {e for e, _ in pairs}:
             self._check_entity(entity)
-        pipe = self.client.pipeline(transaction=False)
         pipe.execute_command("HMGET", self.meta_key, "version", "features")
         fields = self._read_fields
         for entity, id_ in pairs:
             pipe.execute_command("HMGET", self.key(entity, id_), *fields)
-        replies = pipe.execute()
+        return len(pairs) + 1
+
+    def decode_pairs(self, replies: list) -> list[Row]:
+        """The rows from the replies of the reads `queue_pairs` queued (raises
+        `SchemaMismatch` as `get_pairs` does)."""
         self._check_meta(*replies[0])
         return [self._row(r) for r in replies[1:]]
 

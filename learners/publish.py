@@ -15,6 +15,7 @@ Layout (store name ``ctr``; every key carries the hash tag ``{ctr}``)::
                                        BOPR (mu, var) as 2 x float32)
     m:{ctr}:v:17:emb:user      hash    id (str) -> updated_ms (int64 LE) + dim x float32 LE
     m:{ctr}:v:17:blob:state    string  a learner's whole state (e.g. numpy npz bytes)
+    m:{ctr}:v:17:gen           string  INCR by every write into version 17 (its generation)
 
 Publishing: a retrain calls `new_version`, writes everything under the new namespace, writes
 the meta last, then `publish` flips the pointer in one Lua script. A reader names one version
@@ -113,6 +114,40 @@ class Rows(NamedTuple):
     found: np.ndarray  # (n,) bool
 
 
+class VersionCopy(NamedTuple):
+    """A whole model version in memory (`ModelStore.load`), read like `read_consistent`."""
+
+    version: str
+    generation: int | None  # the version's write counter when loaded (None: never bumped)
+    meta: dict
+    vectors: dict[str, tuple[np.ndarray, np.ndarray]]  # model -> sorted coordinates, values
+    rows: dict[str, tuple[dict[str, int], Rows]]  # table -> id -> row index, the rows
+
+    def get_vectors(self, model: str, keys, default=None) -> np.ndarray:
+        """Like `ModelStore.get_vectors`, from memory: ``default`` (or zeros) where missing."""
+        coords, values = self.vectors[model]
+        keys = np.asarray(keys, dtype=np.int64)
+        at = np.searchsorted(coords, keys)
+        hit = at < len(coords)
+        hit[hit] = coords[at[hit]] == keys[hit]
+        fill = np.zeros(values.shape[1], values.dtype) if default is None else \
+            np.asarray(default, values.dtype).reshape(values.shape[1])
+        out = np.empty((len(keys), values.shape[1]), values.dtype)
+        out[:] = fill
+        out[hit] = values[at[hit]]
+        return out
+
+    def get_rows(self, table: str, ids: Sequence[str]) -> Rows:
+        """Like `ModelStore.get_rows`, from memory."""
+        index, rows = self.rows[table]
+        at = np.fromiter((index.get(i, -1) for i in ids), np.int64, len(ids))
+        found = at >= 0
+        vectors = np.zeros((len(ids), rows.vectors.shape[1]), rows.vectors.dtype)
+        updated = np.zeros(len(ids), rows.updated_ms.dtype)
+        vectors[found], updated[found] = rows.vectors[at[found]], rows.updated_ms[at[found]]
+        return Rows(vectors, updated, found)
+
+
 class Snapshot(NamedTuple):
     version: str
     vectors: dict[str, np.ndarray]
@@ -140,6 +175,16 @@ if ARGV[1] ~= '' then
 end
 """
 
+# Every write into a version bumps its generation (``v:N:gen``, one of its keys), so a reader
+# that keeps a copy of the version (the scorer) knows when to load it again. The key is found
+# from the key set's name: the same hash tag, so the same slot.
+_BUMP = """
+local gen = string.sub(KEYS[1], 1, -5) .. 'gen'
+redis.call('INCR', gen)
+redis.call('SADD', KEYS[1], gen)
+if ttl > 0 then redis.call('PEXPIRE', gen, ttl) end
+"""
+
 _PUT = """
 -- KEYS: version key set, layout hash, target hash; ARGV: layout field, spec, field, value, ...
 """ + _CHECK + """
@@ -149,6 +194,7 @@ for i = 3, #ARGV, 4000 do
 end
 redis.call('SADD', KEYS[1], KEYS[3])
 if ttl > 0 then redis.call('PEXPIRE', KEYS[3], ttl) end
+""" + _BUMP + """
 return 0
 """
 
@@ -165,11 +211,21 @@ if n ~= tonumber(ARGV[3]) then
 end
 if redis.call('EXISTS', KEYS[3]) == 0 then  -- nothing staged: an empty hash
   redis.call('DEL', KEYS[4])
+""" + _BUMP + """
   return 0
 end
 redis.call('RENAME', KEYS[3], KEYS[4])
 redis.call('SADD', KEYS[1], KEYS[4])
 if ttl > 0 then redis.call('PEXPIRE', KEYS[4], ttl) else redis.call('PERSIST', KEYS[4]) end
+""" + _BUMP + """
+return 0
+"""
+
+_BUMP_ONLY = """
+-- KEYS: version key set (a write outside the scripts above, such as HDEL, bumps after it)
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl == -2 then return 0 end
+""" + _BUMP + """
 return 0
 """
 
@@ -255,6 +311,7 @@ class ModelStore:
         self._put = client.register_script(_PUT)
         self._commit = client.register_script(_COMMIT)
         self._publish = client.register_script(_PUBLISH)
+        self._bump = client.register_script(_BUMP_ONLY)
         self._seen: str | None = None  # the version read_consistent found current last time
 
     # -- keys ---------------------------------------------------------------------------------
@@ -429,6 +486,7 @@ class ModelStore:
         for i in range(0, len(ids), self.batch_size):
             pipe.hdel(key, *ids[i:i + self.batch_size])
         pipe.execute()
+        self._bump(keys=[self.key(version, "keys")])
 
     def replace_rows(self, version: str, table: str, ids: Sequence[str], vectors,
                      updated_ms) -> None:
@@ -472,6 +530,50 @@ class ModelStore:
                 return Snapshot(version, vecs, rws)
             version = pointer  # published meanwhile: read the version it names now
         raise ModelStoreError(f"{self.pointer_key} moved during each of {attempts} reads")
+
+    def generation_key(self, version: str) -> str:
+        """The counter every write into ``version`` bumps: a copy of the version read at
+        generation g is still whole while the counter reads g."""
+        return self.key(version, "gen")
+
+    def load(self, version: str) -> VersionCopy:
+        """All of ``version`` (meta, every vector and row table) for a reader that keeps it in
+        memory, with the generation read before the data: a write landing during the load
+        shows as a newer generation, so the copy is never taken for fresher than it is. Two
+        round trips; HGETALL of each hash, so Redis is busy for a big model's whole load."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(self.generation_key(version))
+        pipe.hgetall(self.key(version, "layout"))
+        pipe.hgetall(self.key(version, "meta"))
+        gen, layouts, meta = pipe.execute()
+        if not meta:
+            raise ModelStoreError(f"model version {version} has no meta "
+                                  f"({self.key(version, 'meta')})")
+        names = sorted(k.decode() for k in layouts if k[:2] in (b"w:", b"em"))
+        pipe = self.client.pipeline(transaction=False)
+        for suffix in names:
+            pipe.hgetall(self.key(version, suffix))
+        vectors, rows = {}, {}
+        for suffix, data in zip(names, pipe.execute(), strict=True):
+            layout = _Layout.parse(layouts[suffix.encode()])
+            key = self.key(version, suffix)
+            kind, _, name = suffix.partition(":")
+            if kind == "w":
+                fields = list(data)
+                coords = np.frombuffer(b"".join(fields), "<u4") if fields else \
+                    np.empty(0, "<u4")
+                if len(coords) != len(fields):
+                    raise ModelStoreError(f"{key} has a field that is not a 4-byte coordinate")
+                values = _decode_vectors(key, fields, list(data.values()), layout, None)
+                order = np.argsort(coords, kind="stable")
+                vectors[name] = (coords[order], values[order])
+            else:
+                ids = [k.decode() for k in data]
+                rows[name] = ({id_: i for i, id_ in enumerate(ids)},
+                              _decode_rows(key, ids, list(data.values()), layout))
+        return VersionCopy(version, None if gen is None else int(gen),
+                           {k.decode(): orjson.loads(v) for k, v in meta.items()},
+                           vectors, rows)
 
     # -- internals ----------------------------------------------------------------------------
 

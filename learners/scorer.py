@@ -1,13 +1,19 @@
 """Scoring candidates from Redis: pCTR of items for a user, as the learn flow would predict.
 
-Three round trips: (1) the model pointer and the candidates' attributes (category, ...);
-(2) the count features of every entity of every (user, item) pair; (3) the weights of the
-hashed features and the embedding rows, all from one model version. Each depends on the one
-before: the entities need the attributes, the hashed features need the counts. The hasher and
-the embedding model's dense input are built from the version's own meta (its bits, crosses and
-the spec it was trained with), so scoring reads counts and hashes exactly as training did; a
-version that reads counts ``spec`` (what is counted into the feature store) does not count is
-refused with `NotCounted` naming them.
+One round trip per request in the steady state: one pipeline reads the model pointer, the
+current copy's generation, the candidates' attributes (category, ...) and the count features of
+every entity of every (user, item) pair. The model itself is kept in the process: the current
+version's meta, weights and embedding rows, loaded whole (`ModelStore.load`) and loaded again
+only when the pointer names another version or the version's generation moved (the online
+learner pushes into the current version every ``push_interval_s``, and every push bumps it).
+
+The counts depend on the attributes (an entity such as ``user_category`` needs the item's
+category), so the pipeline reads the counts of the entities the attributes last seen for each
+item give; an item whose attributes are new or changed costs a second round trip for the
+entities it adds. The hasher and the embedding model's dense input are built from the version's
+own meta (its bits, crosses and the spec it was trained with), so scoring reads counts and
+hashes exactly as training did; a version that reads counts ``spec`` (what is counted into the
+feature store) does not count is refused with `NotCounted` naming them.
 
     scorer = flows.build.scorer(cfg)
     scorer.score("u17", ["i1", "i2"], {"device": "mobile", "position": 0, "hour": 20})
@@ -28,102 +34,143 @@ from learners.bopr import norm_cdf
 from learners.embeddings import dense_dim, dense_features, score_vectors, serving_keys
 from learners.ftrl import csr_rows, sigmoid
 from learners.model import catalog_key, check_counted, make_hasher
-from learners.publish import ModelStore, ModelStoreError
+from learners.publish import ModelStore, ModelStoreError, VersionCopy
 from learners.sampling import recalibrate
+
+_UNSEEN = object()  # an item whose attributes were never read (not even as absent)
 
 
 class Scorer:
-    def __init__(self, models: ModelStore, features: FeatureStore, spec: FeatureSpec) -> None:
+    """Not thread-safe: one scorer per thread (it keeps the model and the attributes seen)."""
+
+    def __init__(self, models: ModelStore, features: FeatureStore, spec: FeatureSpec,
+                 *, attributes_kept: int = 100_000) -> None:
         self.models, self.features, self.spec = models, features, spec
+        self.attributes_kept = attributes_kept
         self._meta: dict | None = None
         self.version: str | None = None
+        self._copy: VersionCopy | None = None
         self._hasher = None
         self._counts: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # dense input's
+        self._attrs: dict[str, bytes | None] = {}  # raw attributes last read, by item
+        self.loads = 0  # versions (or generations of one) loaded
 
-    def _use_version(self, version: str | None) -> dict:
-        if version is None:
+    def _use_meta(self, version: str, meta: dict | None) -> dict:
+        if meta is None:
+            raise ModelStoreError(f"model version {version} has no meta")
+        trained = check_counted(meta, self.spec, f"model version {version}")
+        self._hasher = make_hasher(meta)
+        self._counts = (tuple(trained.entities), tuple(trained.feature_names()))
+        self._meta = meta
+        return meta
+
+    def _model(self, pointer: str | None, generation: int | None) -> VersionCopy:
+        """The copy of the version ``pointer`` names, loaded again unless it is the one kept
+        and ``generation`` (its counter, read with the request) has not moved."""
+        if pointer is None:
             raise ModelStoreError(f"no model published in {self.models.prefix} yet "
                                   "(run the learn flow, or the daily retrain)")
-        if version != self.version:
-            meta = self.models.get_meta(version)
-            if meta is None:
-                raise ModelStoreError(f"model version {version} has no meta")
-            trained = check_counted(meta, self.spec, f"model version {version}")
-            self._meta, self.version = meta, version
-            self._hasher = make_hasher(meta)
-            self._counts = (tuple(trained.entities), tuple(trained.feature_names()))
-        return self._meta
+        copy = self._copy
+        if copy is None or pointer != copy.version or generation != copy.generation:
+            copy = self.models.load(pointer)
+            self._use_meta(pointer, copy.meta)
+            self._copy, self.version = copy, pointer
+            self.loads += 1
+        return copy
+
+    def _examples(self, attrs: list, user_id: str, item_ids: Sequence[str],
+                  context: Mapping | None) -> list[dict]:
+        return [{"user_id": user_id, "item_id": item,
+                 "features": {**(orjson.loads(raw) if raw else {}), **(context or {})}}
+                for item, raw in zip(item_ids, attrs, strict=True)]
+
+    def _pairs(self, examples: list[dict]) -> list[list[tuple[str, str]]]:
+        return [self.spec.entity_ids(Impression("", 0, e["user_id"], e["item_id"],
+                                                e["features"])) for e in examples]
+
+    def _request(self, user_id: str, item_ids: Sequence[str], context: Mapping | None
+                 ) -> tuple[str | None, int | None, list[dict]]:
+        """The pointer, the kept version's generation and one example per item, counts
+        included: one pipeline unless an item's attributes are new or changed."""
+        item_ids = list(item_ids)
+        seen = [self._attrs.get(i, _UNSEEN) for i in item_ids]
+        guessed = self._examples([None if a is _UNSEEN else a for a in seen], user_id,
+                                 item_ids, context)
+        guessed_pairs = self._pairs(guessed)
+        flat = sorted({p for ps in guessed_pairs for p in ps})
+        pipe = self.models.client.pipeline(transaction=False)
+        pipe.get(self.models.pointer_key)
+        kept = self._copy.version if self._copy is not None else None
+        if kept is not None:
+            pipe.get(self.models.generation_key(kept))
+        if item_ids:
+            pipe.hmget(catalog_key(self.models), item_ids)
+        self.features.queue_pairs(pipe, flat)
+        replies = pipe.execute()
+        pointer = replies[0]
+        generation = replies[1] if kept is not None else None
+        at = 1 + (kept is not None)
+        attrs = replies[at] if item_ids else []
+        counts = self.features.decode_pairs(replies[at + bool(item_ids):])
+        rows = dict(zip(flat, counts, strict=True))
+        if len(self._attrs) + len(item_ids) > self.attributes_kept:
+            self._attrs.clear()
+        for item, raw in zip(item_ids, attrs, strict=True):
+            self._attrs[item] = raw
+        if attrs == seen:  # the steady state: the guess was right
+            examples, pairs = guessed, guessed_pairs
+        else:
+            examples = self._examples(attrs, user_id, item_ids, context)
+            pairs = self._pairs(examples)
+        more = sorted({p for ps in pairs for p in ps if p not in rows})
+        if more:  # attributes new or changed since last read: their entities' counts
+            rows.update(zip(more, self.features.get_pairs(more), strict=True))
+        names = self.features.feature_names
+        for e, ps in zip(examples, pairs, strict=True):
+            e["counts"] = {entity: {n: rows[(entity, id_)][n] for n in names}
+                           for entity, id_ in ps}
+        return (None if pointer is None else pointer.decode(),
+                None if generation is None else int(generation), examples)
 
     def examples(self, user_id: str, item_ids: Sequence[str],
                  context: Mapping | None = None) -> tuple[str | None, list[dict]]:
         """The current version and one example-like dict per item, counts included: what
         the models would have seen had these been impressions now."""
-        client, key = self.models.client, catalog_key(self.models)
-        pipe = client.pipeline(transaction=False)
-        pipe.get(self.models.pointer_key)
-        if item_ids:
-            pipe.hmget(key, list(item_ids))
-        pointer, *attrs = pipe.execute()
-        attrs = attrs[0] if attrs else []
-        examples = []
-        for item, raw in zip(item_ids, attrs, strict=True):
-            feats = {**(orjson.loads(raw) if raw else {}), **(context or {})}
-            examples.append({"user_id": user_id, "item_id": item, "features": feats})
-        pairs = [self.spec.entity_ids(Impression("", 0, e["user_id"], e["item_id"],
-                                                 e["features"])) for e in examples]
-        flat = sorted({p for ps in pairs for p in ps})
-        rows = dict(zip(flat, self.features.get_pairs(flat), strict=True))
-        names = self.features.feature_names
-        for e, ps in zip(examples, pairs, strict=True):
-            e["counts"] = {entity: {n: rows[(entity, id_)][n] for n in names}
-                           for entity, id_ in ps}
-        return (None if pointer is None else pointer.decode()), examples
+        pointer, _, examples = self._request(user_id, item_ids, context)
+        return pointer, examples
 
     def score(self, user_id: str, item_ids: Sequence[str],
               context: Mapping | None = None) -> list[dict]:
         """pCTR per item from FTRL, BOPR (with the spread of its score) and the embedding
         model, in the order given."""
-        version, examples = self.examples(user_id, item_ids, context)
-        for _ in range(3):
-            meta = self._use_version(version)
-            snap, csr = self._read(meta, examples)
-            if snap.version == version:
-                return self._predict(meta, snap, csr, examples)
-            version = snap.version  # published between the reads: score with the new one
-        raise ModelStoreError("the model version changed during every read")
+        pointer, generation, examples = self._request(user_id, item_ids, context)
+        copy = self._model(pointer, generation)
+        return self._predict(copy, examples)
 
-    def _read(self, meta: dict, examples: list[dict]):
-        indptr, indices = self._hasher.batch(examples)
-        keys, inverse = np.unique(indices, return_inverse=True)
-        n = meta["fallback_rows"]
-        user = serving_keys(examples[0]["user_id"], n) if examples else ()
-        items = [k for e in examples for k in serving_keys(e["item_id"], n)]
-        dense = np.arange(dense_dim(*self._counts) + 1)
-        snap = self.models.read_consistent(
-            vectors={"ftrl": keys, "bopr": keys, "dense": dense},
-            rows={"user": list(user), "item": items},
-            defaults={"bopr": np.array([0.0, meta["bopr_prior_variance"]])})
-        return snap, (indptr, inverse)
-
-    def _predict(self, meta: dict, snap, csr, examples: list[dict]) -> list[dict]:
+    def _predict(self, copy: VersionCopy, examples: list[dict]) -> list[dict]:
         if not examples:
             return []
-        indptr, inverse = csr
+        meta = self._meta
+        indptr, indices = self._hasher.batch(examples)
         rows = csr_rows(indptr)
         m = len(examples)
-        w = snap.vectors["ftrl"][:, 0].astype(np.float64)[inverse]
+        w = copy.get_vectors("ftrl", indices)[:, 0].astype(np.float64)
         p_ftrl = sigmoid(np.bincount(rows, weights=w, minlength=m))
-        mv = snap.vectors["bopr"].astype(np.float64)[inverse]
+        mv = copy.get_vectors("bopr", indices,
+                              np.array([0.0, meta["bopr_prior_variance"]])).astype(np.float64)
         mean = np.bincount(rows, weights=mv[:, 0], minlength=m)
         var = np.bincount(rows, weights=mv[:, 1], minlength=m)
         p_bopr = norm_cdf(mean / np.sqrt(meta["bopr_beta"] ** 2 + var))
         if meta["sample_rate"] < 1:
             p_ftrl = recalibrate(p_ftrl, meta["sample_rate"])
             p_bopr = recalibrate(p_bopr, meta["sample_rate"])
-        u = _own_or_fallback(snap.rows["user"])
-        v = _own_or_fallback(snap.rows["item"])
+        n = meta["fallback_rows"]
+        u = _own_or_fallback(copy.get_rows("user", serving_keys(examples[0]["user_id"], n)))
+        v = _own_or_fallback(copy.get_rows(
+            "item", [k for e in examples for k in serving_keys(e["item_id"], n)]))
+        dense = copy.get_vectors("dense", np.arange(dense_dim(*self._counts) + 1))
         p_emb = score_vectors(np.repeat(u, m, axis=0), v, dense_features(examples, *self._counts),
-                              snap.vectors["dense"][:, 0])
+                              dense[:, 0])
         return [{"item_id": e["item_id"], "ftrl": float(a), "bopr": float(b),
                  "bopr_std": float(s), "emb": float(c)}
                 for e, a, b, s, c in zip(examples, p_ftrl, p_bopr, np.sqrt(var), p_emb,

@@ -136,7 +136,7 @@ def test_publish_flips_the_pointer_and_expires_the_old_version_only(store):
     assert store.current() is None
     v1 = published(store, 1, [1, 2], ["a"])
     v1_keys = version_keys(client, v1)
-    assert [k.split(b":", 4)[4] for k in v1_keys] == [b"emb:user", b"keys", b"layout",
+    assert [k.split(b":", 4)[4] for k in v1_keys] == [b"emb:user", b"gen", b"keys", b"layout",
                                                       b"meta", b"w:bopr"]
     assert all(client.pttl(k) == -1 for k in v1_keys)  # published: no TTL
     v2 = store.new_version()
@@ -155,7 +155,7 @@ def test_publish_flips_the_pointer_and_expires_the_old_version_only(store):
     store.put_vectors(v1, "late", [1], [[1]])
     store.put_blob(v1, "state", b"x")
     store.replace_rows(v1, "item", ["i"], np.ones((1, 2)), 1)
-    assert len(version_keys(client, v1)) == 8
+    assert len(version_keys(client, v1)) == 9  # with its generation counter
     assert all(0 < client.pttl(k) <= DAY_MS for k in version_keys(client, v1))
     listing = store.versions()
     assert [(d["version"], d["current"], d["complete"]) for d in listing] == [
@@ -341,6 +341,32 @@ def test_model_store_from_the_config(stack_cfg):
         store.client.close()
 
 
+def test_every_write_bumps_the_generation_and_load_copies_the_whole_version(store):
+    client = store.client
+    v = published(store, 1, [1, 2], ["a"])
+
+    def gen() -> int:
+        return int(client.get(store.generation_key(v)))
+
+    copy = store.load(v)
+    assert copy.generation == gen() and copy.meta == store.get_meta(v)
+    np.testing.assert_array_equal(copy.get_vectors("bopr", [2, 1, 5], [0, 9]),
+                                  store.get_vectors(v, "bopr", [2, 1, 5], [0, 9]))
+    rows, want = copy.get_rows("user", ["a", "b"]), store.get_rows(v, "user", ["a", "b"])
+    for got, exp in zip(rows, want, strict=True):
+        np.testing.assert_array_equal(got, exp)
+    for write in (lambda: store.put_vectors(v, "bopr", [3], [[3, 3]]),
+                  lambda: store.put_rows(v, "user", ["b"], np.ones((1, 8)), 5),
+                  lambda: store.delete_rows(v, "user", ["a"]),
+                  lambda: store.replace_rows(v, "user", [], np.ones((0, 8)), 5),
+                  lambda: store.put_blob(v, "state", b"x"),
+                  lambda: store.put_meta(v, {"examples": 2})):
+        before = gen()
+        write()
+        assert gen() == before + 1
+    assert client.pttl(store.generation_key(v)) == -1  # published: kept like the version
+
+
 @pytest.fixture
 def cluster_node(tmp_path):
     """A one-node Redis Cluster owning every slot, on a free port; stopped at the end."""
@@ -393,5 +419,8 @@ def test_works_on_redis_cluster(cluster_node):
         np.testing.assert_array_equal(snap.vectors["bopr"], [[2, 2], [0, 0]])
         assert store.get_blob(v1, "state") == b"s" * 100
         assert [d["version"] for d in store.versions()] == [v1, v2]
+        copy = store.load(v2)  # the generation key found from the key set's name, same slot
+        np.testing.assert_array_equal(copy.get_vectors("bopr", [1, 3]), [[2, 2], [0, 0]])
+        assert copy.generation == int(client.get(store.generation_key(v2)))
     finally:
         client.close()

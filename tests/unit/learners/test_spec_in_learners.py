@@ -92,8 +92,9 @@ def test_a_version_reading_uncounted_features_is_refused_by_name():
     with pytest.raises(NotCounted, match="model version 7 of m:ctr .*device_hour"):
         Models.load(SETTINGS, FeatureSpec(), Store(), "7")
     with pytest.raises(NotCounted, match="model version 7 .*imp_1m"):
-        Scorer(Store(), None, FeatureSpec())._use_version("7")
-    assert Scorer(Store(), None, SPEC)._use_version("7")["spec"] == SPEC.to_dict()
+        Scorer(Store(), None, FeatureSpec())._use_meta("7", Store().get_meta("7"))
+    assert Scorer(Store(), None, SPEC)._use_meta("7", Store().get_meta("7"))["spec"] \
+        == SPEC.to_dict()
 
 
 def test_the_retrain_does_not_warm_start_from_a_version_reading_other_counts():

@@ -1,0 +1,117 @@
+"""The scorer against a real Redis: one round trip per request once the version is loaded,
+scores equal to the learner's own, and a push or a newly published version picked up."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+import redis
+
+from flows.build import feature_spec, feature_store, model_settings, model_store, scorer
+from learners.model import Models
+from tests.integration.test_embeddings_cli import synthetic
+
+CONTEXT = {"device": "mobile", "position": 2, "hour": 20}
+
+
+@pytest.fixture
+def setup(stack_cfg):
+    tag = uuid.uuid4().hex[:8]
+    cfg = stack_cfg.replace(learn={"store_name": f"sc{tag}", "emb_dim": 8,
+                                   "emb_fallback_rows": 64},
+                            features={"store_prefix": f"f{tag}"})
+    spec = feature_spec(cfg)
+    models = Models(model_settings(cfg), spec)
+    records = synthetic(600)
+    models.learn(records[:400])
+    store = model_store(cfg)
+    version = models.write_version(store, "online", None)
+    store.publish(version)
+    names = spec.feature_names()
+    rows = {(entity, id_): {n: (k * 3 + j) % 11 for j, n in enumerate(names)}
+            for k in range(10) for entity, id_ in
+            (("user", f"u{k}"), ("item", f"i{k}"), ("category", f"c{k % 5}"),
+             ("user_category", f"u{k}|c{k % 5}"))
+            if entity in spec.entities}
+    feature_store(cfg, names).write_many(rows, ts_ms=1)  # counts the scores must read
+    return cfg, models, store, version, records
+
+
+class Trips:
+    """Counts the round trips of every client in the process: one per command sent alone,
+    one per pipeline executed."""
+
+    def __init__(self, monkeypatch):
+        self.n = 0
+        pipe_execute, command = redis.client.Pipeline.execute, redis.Redis.execute_command
+
+        def execute(pipe, *a, **kw):
+            self.n += 1
+            return pipe_execute(pipe, *a, **kw)
+
+        def execute_command(client, *a, **kw):
+            self.n += 1
+            return command(client, *a, **kw)
+
+        monkeypatch.setattr(redis.client.Pipeline, "execute", execute)
+        monkeypatch.setattr(redis.Redis, "execute_command", execute_command)
+
+
+def check_equal(s, models, users, items):
+    for user in users:
+        _, examples = s.examples(user, items, CONTEXT)
+        want = models.predict(examples)
+        got = s.score(user, items, CONTEXT)
+        for name in ("ftrl", "bopr", "emb"):
+            np.testing.assert_allclose([g[name] for g in got], want[name], rtol=0, atol=1e-6)
+
+
+def test_one_round_trip_per_score_and_new_versions_and_pushes_picked_up(setup, monkeypatch):
+    cfg, models, store, version, records = setup
+    s = scorer(cfg)
+    items = [f"i{k}" for k in range(20)] + ["never-seen"]
+    users = ["u1", "u7", "nobody"]
+    check_equal(s, models, users, items)
+    assert s.version == version and s.loads == 1
+
+    trips = Trips(monkeypatch)
+    s.score("u3", items, CONTEXT)
+    assert trips.n == 1
+    s.score("u3", items[:5], CONTEXT)
+    assert trips.n == 2 and s.loads == 1
+
+    # The online learner pushes into the current version: the next score sees it.
+    before = s.score("u3", items, CONTEXT)
+    models.learn(records[400:500])
+    models.push(store, version)
+    after = s.score("u3", items, CONTEXT)
+    assert s.loads == 2 and s.version == version
+    assert [a["ftrl"] for a in after] != [b["ftrl"] for b in before]
+    check_equal(s, models, users, items)
+
+    # A newly published version is picked up on the next request, and kept after it.
+    models.learn(records[500:])
+    new = models.write_version(store, "online", version)
+    store.publish(new, expected_current=version)
+    check_equal(s, models, users, items)
+    assert s.version == new and s.loads == 3
+    n = trips.n
+    s.score("u1", items, CONTEXT)
+    assert trips.n == n + 1 and s.loads == 3
+
+
+def test_new_attributes_cost_one_more_round_trip_and_are_used(setup, monkeypatch):
+    cfg, models, store, version, _ = setup
+    s = scorer(cfg)
+    items = [f"i{k}" for k in range(5)]
+    s.score("u1", items, CONTEXT)
+    trips = Trips(monkeypatch)
+    store.client.hset(f"{store.prefix}:items", "i0", b'{"category": "c-new"}')
+    check_equal(s, models, ["u1"], items)  # examples() then score(): both see c-new
+    _, examples = s.examples("u1", items, CONTEXT)
+    assert examples[0]["features"]["category"] == "c-new"
+    n = trips.n
+    s.score("u1", items, CONTEXT)
+    assert trips.n == n + 1
