@@ -6,6 +6,7 @@ learn flow, the retrain and the scorer read.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -98,21 +99,15 @@ def model_store(cfg: Config, name: str | None = None, keep_days: float | None = 
 
 
 def model_settings(cfg: Config) -> ModelSettings:
-    """The models' hyperparameters from ``[learn]``."""
+    """The models' hyperparameters from ``[learn]``, where each has the same name."""
     from learners.model import ModelSettings
 
     lc = cfg.learn
+    same = {f.name: getattr(lc, f.name) for f in dataclasses.fields(ModelSettings)}
     try:
-        return ModelSettings(
-            hash_bits=lc.hash_bits, crosses=tuple(tuple(split_names(c)) for c in lc.crosses),
-            ftrl_alpha=lc.ftrl_alpha, ftrl_beta=lc.ftrl_beta, ftrl_l1=lc.ftrl_l1,
-            ftrl_l2=lc.ftrl_l2, bopr_beta=lc.bopr_beta,
-            bopr_prior_variance=lc.bopr_prior_variance, emb_dim=lc.emb_dim,
-            emb_min_count=lc.emb_min_count, emb_fallback_rows=lc.emb_fallback_rows,
-            emb_evict_after_days=lc.emb_evict_after_days, emb_lr=lc.emb_lr,
-            emb_max_dirty=lc.emb_max_dirty, negative_sample_rate=lc.negative_sample_rate,
-            item_attributes=tuple(lc.item_attributes), metrics_window=lc.metrics_window,
-            retrain_batch_size=lc.retrain_batch_size, seed=lc.seed)
+        return ModelSettings(**{
+            **same, "crosses": tuple(tuple(split_names(c)) for c in lc.crosses),
+            "item_attributes": tuple(lc.item_attributes)})
     except ValueError as e:
         raise ConfigError(f"learn.{e}") from None
 
