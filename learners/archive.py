@@ -298,6 +298,16 @@ class ExampleArchive:
                                  pc.if_else(late, clicks, t["click_ts"]))
         return t.append_column("late_click", late)
 
+    def read_since(self, ts_ms: int) -> pa.Table:
+        """The examples with ``ts >= ts_ms`` (every day from ``day_of(ts_ms)`` on), as stored:
+        labels as learned online, no corrections, in event-time order (ties in write
+        order). What an online trainer learned after a day boundary, for it to replay."""
+        first = day_of(ts_ms)
+        parts = [self.read_day(d, corrected=False) for d in self.days() if d >= first]
+        t = pa.concat_tables(parts) if parts else SCHEMA.empty_table()
+        t = t.filter(pc.greater_equal(t["ts"], ts_ms))
+        return t.take(np.argsort(t["ts"].to_numpy(zero_copy_only=False), kind="stable"))
+
     def read_examples(self, day: str | dt.date) -> list[dict]:
         """``read_day`` as example dicts (see `to_examples`), ready for
         ``EmbeddingLearner.train_epoch``."""

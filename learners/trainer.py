@@ -17,6 +17,7 @@ recovery. It never builds models itself: ``new_models()``, ``load_models(version
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 from collections import deque
@@ -27,7 +28,7 @@ import orjson
 
 from features.store import until_done
 from joiner.events import CORRECTION, NOT_LEARNED, why_not_learnable
-from learners.archive import ExampleArchive
+from learners.archive import DAY_MS, ExampleArchive, day_of, to_examples
 from learners.publish import ModelStore, ModelStoreError, PublishConflict
 
 if TYPE_CHECKING:
@@ -36,6 +37,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COUNTS = ("in", "learned", "duplicates", "corrections", "dead_letters", "skipped")
+REPLAY_CHUNK = 10_000  # archived examples decoded and learned at a time on a replay
+
+
+def day_end_ms(date: str) -> int:
+    """The first ms after the UTC day ``date`` ('YYYY-MM-DD').
+
+    >>> day_of(day_end_ms("2023-11-14"))
+    '2023-11-15'
+    """
+    d = dt.date.fromisoformat(date)
+    return (d.toordinal() - dt.date(1970, 1, 1).toordinal() + 1) * DAY_MS
 
 
 class DeadLetter(NamedTuple):
@@ -231,12 +243,11 @@ class OnlineTrainer:
 
     def _on_other_version(self, current: str | None) -> None:
         """The pointer names a version this trainer did not publish last. A daily retrain's:
-        continue from it. What was learned here since the retrained day ended (the hour or two
-        before the retrain ran) is left behind: neither the retrain nor the new version saw
-        it (replaying it from the archive would close that gap; not done yet). One of ours
-        that is newer than the state resumed after a crash, or none (Redis lost it): publish
-        ours over it; the examples since our snapshot are replayed into it, so none is
-        learned twice."""
+        continue from it, after learning again what was learned here since the retrained
+        day ended (the hour or two before the retrain ran), replayed from the archive
+        (`replay_since`): the retrain saw none of it. One of ours that is newer than the
+        state resumed after a crash, or none (Redis lost it): publish ours over it; the
+        examples since our snapshot are replayed into it, so none is learned twice."""
         meta = None if current is None else self._until_done(
             "read a version's meta", lambda: self.store.get_meta(current))
         if meta is None or meta.get("source") == "online":
@@ -248,6 +259,29 @@ class OnlineTrainer:
         self.models = self._until_done("load version " + current,
                                        lambda: self.load_models(current))
         self.version = current
+        date = meta.get("date")
+        if date is None:
+            log.warning("learn: version %s records no retrained day: nothing replayed",
+                        current)
+            return
+        self.replay_since(day_end_ms(str(date)))
+
+    def replay_since(self, ts_ms: int) -> int:
+        """Learn again every archived example with ``ts >= ts_ms`` that this trainer learned
+        (the learnable rule decides, as in `on_batch`), in event-time order, ``REPLAY_CHUNK``
+        at a time. Returns how many."""
+        self._flush_archive()  # what the last batches learned is in the archive first
+        table = self.archive.read_since(ts_ms)
+        n = 0
+        for s in range(0, table.num_rows, REPLAY_CHUNK):
+            examples = [e for e in to_examples(table.slice(s, REPLAY_CHUNK))
+                        if why_not_learnable(e) is None]
+            for e in examples:
+                e.pop("online_p", None)  # the archive keeps the predictions made the first time
+            n += self.models.learn(examples, checked=True)["examples"]
+        log.info("learn: replayed %s examples archived since %s into version %s", f"{n:,}",
+                 day_of(ts_ms) if ts_ms % DAY_MS == 0 else ts_ms, self.version)
+        return n
 
     def _publish_new(self, why: str, expected: str | None | type = ...) -> None:
         """Write the models as a new version and make it current, if the pointer still names

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import uuid
 
+import numpy as np
 import orjson
 import pytest
 
-from flows.build import model_store
+from flows.build import feature_spec, model_settings, model_store
 from flows.learn import trainer
+from learners.model import Models
 
 pytestmark = pytest.mark.integration
 
@@ -129,3 +131,53 @@ def test_our_version_newer_than_the_resumed_state_is_replaced_not_followed(cfg):
     assert resumed.version not in (newer, state["version"])
     assert store.current() == resumed.version
     assert store.get_meta(resumed.version)["examples"] == 400  # each example learned once
+
+
+class Recording:
+    """Models that record the ids of the examples each learn call is given."""
+
+    def __init__(self, models) -> None:
+        self.models, self.learned = models, []
+
+    def learn(self, examples, **kw):
+        self.learned += [e["impression_id"] for e in examples]
+        return self.models.learn(examples, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.models, name)
+
+
+def test_following_a_retrain_replays_the_archive_since_the_retrained_days_end(cfg):
+    store = model_store(cfg, name=cfg.learn.store_name)
+    t = trainer(cfg)
+    load = t.load_models
+    t.load_models = lambda version: Recording(load(version))
+    day_end = DAY0 + 86_400_000  # the retrained day is DAY0's, 2023-11-15
+    # The last 20 minutes of the day and the first 40 of the next, arriving slightly out of
+    # event-time order; one quarantined (archived, not learned), one a duplicate, one bad.
+    rng = np.random.default_rng(0)
+    ts = day_end + np.arange(-1200, 2400, 10) * 1000 + rng.integers(-20_000, 20_000, 360)
+    exs = [{**orjson.loads(r[2]), "ts": int(s)} for r, s in zip(batch(0, 360), ts, strict=True)]
+    exs[300]["quarantined"] = True
+    exs.append(dict(exs[250]))
+    exs.append({**exs[251], "impression_id": "bad", "label": 7})
+    t.on_batch([(0, k, orjson.dumps(e)) for k, e in enumerate(exs[:200])])
+    t.end_of_input()  # a periodic version, the archive flushed: the replay must read both ...
+    t.on_batch([(0, 200 + k, orjson.dumps(e)) for k, e in enumerate(exs[200:])])  # ... and not
+
+    retrain = Models(model_settings(cfg), feature_spec(cfg))  # the retrain of 2023-11-15
+    retrain.learn([orjson.loads(r[2]) for r in batch(1000, 300)])
+    retrained = retrain.write_version(store, "retrain", store.current(),
+                                      extra={"date": "2023-11-15"})
+    store.publish(retrained)
+    push(t)
+
+    assert t.version == retrained
+    since = sorted((e for e in exs[:360] if e["ts"] >= day_end and not e.get("quarantined")),
+                   key=lambda e: e["ts"])
+    assert len(since) > 200
+    assert t.models.learned == [e["impression_id"] for e in since]
+    assert t.models.examples == 300 + len(since)
+    t.on_batch(batch(5000, 10))  # and learns on from there
+    assert t.models.learned[len(since):] == [f"i{i}" for i in range(5000, 5010)]
+
