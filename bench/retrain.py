@@ -1,23 +1,31 @@
-"""Daily retrain throughput (learners/retrain.py), beside the online learning of the same
-examples from the same run, on a private redis-server (loopback, free port, stopped at the
-end):
+"""The daily retrain over simulated days: does it improve the next day, and is it refused when
+it does not? Beside it, the online models alone, from the same run.
 
-[1] online (the peer): ``Models.learn(annotate=True)`` over the day in event-time order, as
-    the learn flow learns (each micro-batch predicted, then learned);
-[2] ``retrain`` of that day from the archive, phase by phase: read (Parquet, late clicks,
-    sort), train (one shuffled epoch of FTRL, BOPR and the embedding model, all parameters),
-    holdout (predict, then learn the last 10 % as the learn flow would), publish (write the
-    version to Redis, flip the pointer); and the whole retrain in examples/s.
+The stream is tests/integration/test_retrain.py's simulator (ctrstream/simulator.py's World,
+labels as the joiner gives them, late-click corrections, point-in-time counts), ``--days``
+days from 2023-11-15. Three tracks, each scored by its progressive NE (each example predicted
+before it is learned, labels as joined) day by day:
 
-The day is tests/integration/test_retrain.py's simulator (ctrstream/simulator.py's World,
-labels as the joiner gives them, late-click corrections, point-in-time counts).
+- **online only**: ``Models.learn`` over every day in event-time order, never retrained;
+- **pipeline**: as the learn flow and the daily retrain run: learned online, archived with
+  its progressive predictions; at each day's end ``retrain`` (learners/retrain.py, on a
+  private redis-server) publishes the day's retrained version unless its rule refuses, and
+  the pipeline continues from what is published (the learn flow replays what it learned
+  since the boundary into it; here the switch is at the boundary, so there is nothing to
+  replay);
+- **candidate**: the retrain's models continued online on the next day whether published or
+  not: for a refused one, what publishing it would have done (the rule's check).
 
-    python bench/retrain.py [--rate 2.3] [--threads 1] [--seed 0]
+Printed: next-day NE per model for the three tracks, each retrain's status, holdout NE and,
+when refused, its reason; examples/s of online learning and of the retrain.
+
+    python bench/retrain.py [--days 3] [--rate 1.0] [--seed 0] [--quick] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import sys
@@ -25,72 +33,150 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import orjson
 import redis
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ctrstream.simulator import MS_PER_DAY  # noqa: E402
 from ctrstream.stack import Component, free_port  # noqa: E402
-from learners.archive import ExampleArchive  # noqa: E402
-from learners.model import Models  # noqa: E402
+from learners.archive import ExampleArchive, day_of  # noqa: E402
+from learners.metrics import normalized_entropy  # noqa: E402
+from learners.model import MODELS, Models  # noqa: E402
 from learners.publish import ModelStore  # noqa: E402
 from learners.retrain import RetrainSettings, retrain  # noqa: E402
-from tests.integration.test_retrain import DAY, MIDNIGHT, simulate  # noqa: E402
+from tests.integration.test_retrain import MIDNIGHT, simulate  # noqa: E402
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rate", type=float, default=2.3,
-                    help="impressions per second of event time (2.3: ~200k in the day)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    print("$ python bench/retrain.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+def learn(models: Models, examples: list[dict]) -> tuple[list[dict], dict[str, float], float]:
+    """Copies of ``examples`` learned progressively (annotated with ``online_p``), the NE of
+    each model on them, and examples/s."""
+    copies = [dict(e) for e in examples]
     t = time.perf_counter()
-    sim = simulate(MIDNIGHT, 86_400, args.rate, seed=args.seed)
-    n = len(sim.examples)
-    print(f"day {DAY}: {n:,} examples, {sum(e['label'] for e in sim.examples):,} positive "
-          f"in the window, {len(sim.corrections):,} late clicks; simulated in "
-          f"{time.perf_counter() - t:.1f} s; {os.cpu_count()} CPUs, torch threads "
-          f"{args.threads}\n")
+    models.learn(copies, annotate=True)
+    eps = len(copies) / max(time.perf_counter() - t, 1e-9)
+    y = np.fromiter((e["label"] for e in copies), np.float64, len(copies))
+    ne = {m: normalized_entropy(np.array([e["online_p"][m] for e in copies]), y)
+          for m in MODELS}
+    return copies, ne, eps
+
+
+def copy(models: Models, settings: RetrainSettings) -> Models:
+    return Models.from_bytes(settings.models, settings.spec, models.to_bytes())
+
+
+def run(days: int, rate: float, seed: int, log=print) -> dict:
     settings = RetrainSettings()  # the default config's
-
-    online = Models(settings.models, settings.spec)
     t = time.perf_counter()
-    online.learn(sim.examples, annotate=True)
-    online_s = time.perf_counter() - t
+    sim = simulate(MIDNIGHT, days * 86_400, rate, seed=seed)
+    by_day: list[list[dict]] = [[] for _ in range(days)]
+    for e in sim.examples:
+        by_day[(e["ts"] - MIDNIGHT) // MS_PER_DAY].append(e)
+    corrections: list[list[dict]] = [[] for _ in range(days)]
+    for c in sim.corrections:
+        corrections[(c["ts"] - MIDNIGHT) // MS_PER_DAY].append(c)
+    log(f"{days} days from {day_of(MIDNIGHT)}: {len(sim.examples):,} examples "
+        f"({', '.join(f'{len(d):,}' for d in by_day)} a day), "
+        f"{sum(e['label'] for e in sim.examples):,} positive in the window, "
+        f"{len(sim.corrections):,} late clicks; simulated in {time.perf_counter() - t:.1f} s")
 
+    online, pipeline = Models(settings.models, settings.spec), Models(settings.models,
+                                                                       settings.spec)
+    candidate = None
+    out: dict = {"days": [], "retrains": [], "rate": rate, "seed": seed, "examples":
+                 len(sim.examples)}
     root = tempfile.mkdtemp(prefix="bench-retrain-")
-    archive = ExampleArchive(Path(root) / "archive")
-    archive.append(sim.examples)
-    archive.append_corrections(sim.corrections)
+    archive = ExampleArchive(Path(root) / "archive", fsync=False)
     server = Component("redis", free_port(), Path(root))
     server.start(20)
     try:
         store = ModelStore(redis.Redis(port=server.port), keep_days=1)
-        res = retrain(settings, DAY, store, archive, force=True)
+        for d, examples in enumerate(by_day):
+            date = day_of(MIDNIGHT + d * MS_PER_DAY)
+            row = {"date": date, "examples": len(examples),
+                   "positives": sum(e["label"] for e in examples)}
+            _, row["online"], row["online_eps"] = learn(online, examples)
+            archived, row["pipeline"], _ = learn(pipeline, examples)
+            if candidate is not None:
+                row["candidate"] = (row["pipeline"] if candidate is pipeline
+                                    else learn(candidate, examples)[1])
+            out["days"].append(row)
+            if d == days - 1:
+                break
+            archive.append(archived)
+            archive.append_corrections(corrections[d])
+            res = retrain(settings, date, store, archive)
+            out["retrains"].append({k: v for k, v in res.to_dict().items() if k in (
+                "date", "status", "reason", "base", "base_date", "train_examples",
+                "holdout_examples", "holdout_positives", "ne_online", "ne_retrained",
+                "ne_retrained_frozen", "ne_difference_se", "train_examples_per_s",
+                "elapsed_s")})
+            log(f"retrain {date}: {res.status}" + (f": {res.reason}" if res.reason else "")
+                + f" ({res.elapsed_s:.1f} s)")
+            if res.status == "published":
+                pipeline = candidate = res.models
+            else:
+                candidate = copy(res.models, settings)
     finally:
         server.stop()
+    return out
 
 
-    print("| what | examples | seconds | examples/s |\n|---|---|---|---|")
-    print(f"| [1] online: Models.learn, in order (peer) | {n:,} | {online_s:.1f} | "
-          f"{n / online_s:,.0f} |")
-    t = res.timings_s
-    for phase, k in (("read", res.examples), ("train", res.train_examples),
-                     ("holdout", res.holdout_examples), ("publish", res.examples)):
-        print(f"| [2] retrain: {phase} | {k:,} | {t[phase]:.1f} | {k / t[phase]:,.0f} |")
-    print(f"| [2] retrain: whole (status {res.status}) | {res.examples:,} | "
-          f"{res.elapsed_s:.1f} | {res.examples / res.elapsed_s:,.0f} |")
-    print(f"\nretrain / online learning, examples/s: "
-          f"{(res.examples / res.elapsed_s) / (n / online_s):.2f}x")
-    print("holdout NE (the last 10 % of the day), online models' progressive predictions | "
-          "retrained, progressive (the rule's) | retrained, frozen (before learning any of "
-          "the holdout):")
-    for m in res.ne_online:
-        print(f"  {m:<5} {res.ne_online[m]:.4f} | {res.ne_retrained_progressive[m]:.4f} | "
-              f"{res.ne_retrained_frozen[m]:.4f}")
+def _f(x) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def report(out: dict) -> None:
+    print("\nNext-day progressive NE (labels as joined; lower is better):\n")
+    print("| day | model | online only | pipeline | candidate (retrain of the day before, "
+          "published or not) | candidate - online |")
+    print("|---|---|---|---|---|---|")
+    for row in out["days"][1:]:
+        for m in MODELS:
+            on, pipe, cand = row["online"][m], row["pipeline"][m], row["candidate"][m]
+            print(f"| {row['date']} | {m} | {on:.4f} | {pipe:.4f} | {cand:.4f} | "
+                  f"{cand - on:+.4f} |")
+    print("\nRetrains (the rule: holdout NE, the day's last 10 %, retrained <= online + "
+          "learn.max_ne_regression):\n")
+    for r in out["retrains"]:
+        print(f"- {r['date']}: **{r['status']}**"
+              + (f" (warm start: retrain of {r['base_date']})" if r["base"] else
+                 " (fresh models)")
+              + f"; train {r['train_examples']:,}, holdout {r['holdout_examples']:,} "
+                f"({r['holdout_positives']:,} positive); {r['train_examples_per_s']:,.0f} "
+                f"examples/s training, {r['elapsed_s']:.1f} s in all")
+        for m in MODELS:
+            print(f"    {m:<5} holdout NE online {_f(r['ne_online'].get(m))}, retrained "
+                  f"{_f(r['ne_retrained'].get(m))} (frozen {_f(r['ne_retrained_frozen'].get(m))}"
+                  f", 2 se of the difference {_f(2 * r['ne_difference_se'].get(m, math.nan))})")
+        if r["reason"]:
+            print(f"    reason: {r['reason']}")
+    eps = [row["online_eps"] for row in out["days"]]
+    print(f"\nonline learning (Models.learn, all three): {np.mean(eps):,.0f} examples/s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--days", type=int, default=3)
+    ap.add_argument("--rate", type=float, default=1.0,
+                    help="impressions per second of event time (1.0: ~86k a day)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--quick", action="store_true", help="--rate 0.3 (~26k a day)")
+    ap.add_argument("--json", action="store_true", help="one JSON object last")
+    args = ap.parse_args()
+    if args.days < 2:
+        ap.error("--days must be at least 2: a retrain is judged on the day after")
+    torch.set_num_threads(args.threads)
+    rate = 0.3 if args.quick else args.rate
+    print("$ python bench/retrain.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    print(f"{os.cpu_count()} CPUs, torch threads {args.threads}")
+    out = run(args.days, rate, args.seed)
+    report(out)
+    if args.json:
+        print(orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY).decode())
 
 
 if __name__ == "__main__":
