@@ -1,14 +1,17 @@
-"""Feature store benchmarks, each figure beside its peer from the same run, on a private
+"""Feature store benchmarks, each figure beside its peers from the same run, on a private
 redis-server (loopback, started on a free port and stopped at the end):
 
-[1] write throughput through FeatureStore.write_many (one hash per entity, HSET + EXPIRE,
-    pipelined), next to the same hashes written by a bare redis-py pipeline (the store's own
-    overhead) and to the naive layout (one string key per entity-feature, SET ... EX);
-[2] read latency p50/p99 for a batch of entities: FeatureStore.get_many (one pipeline of
-    HMGETs) next to the naive layout read with a pipeline of GETs and with one GET at a time,
-    each turned into the same list of dicts of numbers; and one entity via FeatureStore.get;
-[3] Redis memory per entity (INFO used_memory delta / entities), hash next to naive,
-    both with a TTL on every key.
+[1] write throughput through FeatureStore.write_many (one packed string per entity, SET with
+    its TTL, pipelined), next to the hash per entity of earlier versions written by a bare
+    redis-py pipeline (HSET + EXPIRE) and to the naive layout (one string key per
+    entity-feature, SET ... EX);
+[2] read latency p50/p99 for a batch of entities into dicts of numbers: FeatureStore.get_many
+    (one MGET, decoded in bulk by struct.iter_unpack) next to a bare redis-py MGET of the
+    same keys (bytes, not decoded: the floor), a pipeline of HMGETs of the hash layout, and
+    the naive layout read with a pipeline of GETs and one GET at a time; and one entity via
+    FeatureStore.get;
+[3] Redis memory per entity (INFO used_memory delta / entities) of the three layouts, each
+    with a TTL on every key.
 
     python bench/features_store.py [--entities 100000] [--features 30] [--trials 1000]
 """
@@ -29,7 +32,7 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ctrstream.stack import REDIS_SERVER, Component, free_port  # noqa: E402
-from features.store import FeatureStore, _num  # noqa: E402
+from features.store import FeatureStore  # noqa: E402
 
 TTL_S = 2 * 86_400
 
@@ -44,16 +47,13 @@ def feature_names(n: int) -> list[str]:
 
 
 def make_rows(n_entities: int, names: list[str], seed: int = 0) -> dict:
-    """Counts as ints; CTRs as smoothed ratios, full float precision (what a writer sends)."""
+    """Counts of impressions, and clicks as a few per cent of them."""
     rng = random.Random(seed)
     rows = {}
     for i in range(n_entities):
         imps = rng.randint(0, 5000)
-        rows[("user", str(i))] = {
-            name: ((rng.randint(0, imps // 10) + 1) / (imps + 30) if "ctr" in name
-                   else rng.randint(0, imps))
-            for name in names
-        }
+        rows[("user", str(i))] = {name: rng.randint(0, imps // 10) if "click" in name
+                                  else rng.randint(0, imps) for name in names}
     return rows
 
 
@@ -71,11 +71,15 @@ def write_naive(client: redis.Redis, rows: dict, batch: int = 1000) -> None:
     pipe.execute()
 
 
-def write_bare(client: redis.Redis, rows: dict, batch: int = 1000) -> None:
-    """The same commands as write_many, without its validation and meta check."""
+def hash_key(entity: str, id_: str) -> str:
+    return f"h:{{{entity}:{id_}}}"
+
+
+def write_hash(client: redis.Redis, rows: dict, batch: int = 1000) -> None:
+    """The hash per entity of earlier versions: HSET of every feature, _ts and _v, and EXPIRE."""
     pipe = client.pipeline(transaction=False)
     for (entity, id_), values in rows.items():
-        key = f"f:{{{entity}:{id_}}}"
+        key = hash_key(entity, id_)
         args: list = ["HSET", key]
         for item in values.items():
             args += item
@@ -86,6 +90,22 @@ def write_bare(client: redis.Redis, rows: dict, batch: int = 1000) -> None:
     pipe.execute()
 
 
+def read_hash(client, entity, ids, names) -> list[dict]:
+    """A pipeline of HMGETs, as the store read the hash layout, into the same dicts."""
+    pipe = client.pipeline(transaction=False)
+    fields = [*names, "_ts"]
+    for id_ in ids:
+        pipe.execute_command("HMGET", hash_key(entity, id_), *fields)
+    out = []
+    for raw in pipe.execute():
+        values = [0 if v is None else int(v) for v in raw]
+        row = dict(zip(names, values, strict=False))
+        row["_ts"] = values[-1] if raw[-1] is not None else None
+        row["_missing"] = raw[-1] is None
+        out.append(row)
+    return out
+
+
 def read_naive_pipelined(client, entity, ids, names) -> list[dict]:
     pipe = client.pipeline(transaction=False)
     for id_ in ids:
@@ -93,8 +113,8 @@ def read_naive_pipelined(client, entity, ids, names) -> list[dict]:
             pipe.execute_command("GET", naive_key(entity, id_, name))
     flat = pipe.execute()
     n = len(names)
-    return [{name: 0 if v is None else _num(v) for name, v in zip(names, flat[i:i + n],
-                                                                   strict=True)}
+    return [{name: 0 if v is None else int(v) for name, v in zip(names, flat[i:i + n],
+                                                                  strict=True)}
             for i in range(0, len(flat), n)]
 
 
@@ -104,12 +124,13 @@ def read_naive_one_by_one(client, entity, ids, names) -> list[dict]:
         row = {}
         for name in names:
             v = client.get(naive_key(entity, id_, name))
-            row[name] = 0 if v is None else _num(v)
+            row[name] = 0 if v is None else int(v)
         out.append(row)
     return out
 
 
-def latency(fn, trials: int, n_ids: int, n_entities: int, seed: int = 1) -> str:
+def latency(fn, trials: int, n_ids: int, n_entities: int, seed: int = 1) -> tuple[float, float]:
+    """p50, p99 in ms of ``fn(ids)`` for random batches of ``n_ids`` ids."""
     rng = random.Random(seed)
     fn([str(rng.randrange(n_entities)) for _ in range(n_ids)])  # warm up the connection
     times = []
@@ -119,11 +140,40 @@ def latency(fn, trials: int, n_ids: int, n_entities: int, seed: int = 1) -> str:
         fn(ids)
         times.append(time.perf_counter() - t0)
     p50, p99 = np.percentile(np.array(times) * 1000, [50, 99])
-    return f"p50 {p50:8.3f} ms   p99 {p99:8.3f} ms   ({trials} trials)"
+    return float(p50), float(p99)
+
+
+def read_peers(client: redis.Redis, store: FeatureStore, entity: str, n: int, batch: int,
+               trials: int, seed: int = 1) -> dict[str, tuple[float, float]]:
+    """p50, p99 (ms) of get_many beside a bare MGET of the same keys and the hash layout's
+    HMGET pipeline (which ``write_hash`` wrote for the same ``n`` entities), on the same random
+    ids, in turn within each trial (each first in turn) so a busy moment of the machine falls
+    on all alike."""
+    names = store.feature_names
+    fns = {"get_many": lambda ids: store.get_many(entity, ids),
+           "mget": lambda ids: client.mget([store.key(entity, i) for i in ids]),
+           "hmget": lambda ids: read_hash(client, entity, ids, names)}
+    rng = random.Random(seed)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns.items())
+    for t in range(trials + 1):
+        ids = [str(rng.randrange(n)) for _ in range(batch)]
+        order.append(order.pop(0))  # each goes first in turn
+        for name, fn in order:
+            t0 = time.perf_counter()
+            fn(ids)
+            if t:  # the first is a warm-up
+                times[name].append(time.perf_counter() - t0)
+    return {k: tuple(float(x) for x in np.percentile(np.array(v) * 1000, [50, 99]))
+            for k, v in times.items()}
 
 
 def used_memory(client: redis.Redis) -> int:
     return int(client.info("memory")["used_memory"])
+
+
+def ms(p: tuple[float, float]) -> str:
+    return f"p50 {p[0]:8.3f} ms   p99 {p[1]:8.3f} ms"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -147,51 +197,55 @@ def main(argv: list[str] | None = None) -> None:
         print(f"redis-server {version} ({REDIS_SERVER}, loopback, port {server.port}); "
               f"redis-py {redis.__version__}, hiredis "
               f"{'on' if redis.utils.HIREDIS_AVAILABLE else 'off'}; {os.cpu_count()} CPUs")
-        print(f"{n:,} entities x {nf} features ({sum('ctr' in x for x in names)} of them float "
-              f"CTRs at full precision, the rest int counts), TTL {TTL_S} s on every key\n")
+        print(f"{n:,} entities x {nf} int features, TTL {TTL_S} s on every key\n")
         rows = make_rows(n, names)
         store = FeatureStore(client, feature_names=names, ttl_s=TTL_S)
-        read = f"{args.batch} entities x {nf} features"
 
-        def timed(fn) -> float:
+        def written(write) -> tuple[float, float]:
+            """(seconds, bytes per entity) of one layout written into an empty db."""
+            client.flushall()
+            mem0 = used_memory(client)
             t0 = time.perf_counter()
-            fn()
-            return time.perf_counter() - t0
+            write()
+            secs = time.perf_counter() - t0
+            return secs, (used_memory(client) - mem0) / n
 
-        # The hash layout first (written, measured, read), then the naive one on an empty db.
-        client.flushall()
-        bare_s = timed(lambda: write_bare(client, rows))
-        client.flushall()
-        mem0 = used_memory(client)
-        store_s = timed(lambda: store.write_many(rows, 1_700_000_000_000))
-        hash_bytes = (used_memory(client) - mem0) / n
-        get_many = latency(lambda ids: store.get_many("user", ids), args.trials, args.batch, n)
-        get_one = latency(lambda ids: store.get("user", ids[0]), args.trials, 1, n)
-        client.flushall()
-        mem0 = used_memory(client)
-        naive_s = timed(lambda: write_naive(client, rows))
-        naive_bytes = (used_memory(client) - mem0) / n
+        naive_s, naive_bytes = written(lambda: write_naive(client, rows))
         naive_pipe = latency(lambda ids: read_naive_pipelined(client, "user", ids, names),
                              args.trials, args.batch, n)
         naive_serial = latency(lambda ids: read_naive_one_by_one(client, "user", ids, names),
                                args.naive_serial_trials, args.batch, n)
+        hash_s, hash_bytes = written(lambda: write_hash(client, rows))
+        mem0 = used_memory(client)
+        t0 = time.perf_counter()
+        store.write_many(rows, 1_700_000_000_000)  # beside the hashes: read in turn below
+        store_s, packed_bytes = time.perf_counter() - t0, (used_memory(client) - mem0) / n
+        reads = read_peers(client, store, "user", n, args.batch, args.trials)
+        get_one = latency(lambda ids: store.get("user", ids[0]), args.trials, 1, n)
 
         print("[1] writes, pipelines of 1000 commands")
-        for label, secs in (("FeatureStore.write_many (HSET+EXPIRE)", store_s),
-                            ("bare redis-py pipeline, same commands", bare_s),
+        for label, secs in (("FeatureStore.write_many (SET ... EX)", store_s),
+                            ("hash per entity: HSET + EXPIRE", hash_s),
                             ("naive: SET key value EX ttl", naive_s)):
             print(f"  {label:40} {n / secs:>8,.0f} entities/s {n * nf / secs:>10,.0f} "
                   f"features/s  ({secs:.2f} s)")
-        print(f"\n[2] reads of {read}, random ids, into dicts of numbers")
-        for label, figure in (("FeatureStore.get_many (1 pipeline of HMGET)", get_many),
+        print(f"\n[2] reads of {args.batch} entities x {nf} features, random ids, into dicts "
+              f"of numbers ({args.trials} trials; the first three in turn on the same ids)")
+        for label, figure in (("FeatureStore.get_many (1 MGET, decoded)", reads["get_many"]),
+                              ("bare redis-py MGET, same keys, undecoded", reads["mget"]),
+                              ("hash per entity: 1 pipeline of HMGET", reads["hmget"]),
                               (f"naive: 1 pipeline of {args.batch * nf} GETs", naive_pipe),
                               (f"naive: {args.batch * nf} GETs, one at a time", naive_serial),
                               ("FeatureStore.get (1 entity)", get_one)):
-            print(f"  {label:44} {figure}")
+            print(f"  {label:44} {ms(figure)}")
+        print(f"  get_many is {reads['hmget'][0] / reads['get_many'][0]:.1f}x faster than the "
+              f"HMGET pipeline and {reads['get_many'][0] / reads['mget'][0]:.2f}x the bare "
+              "MGET (p50)")
         print("\n[3] Redis memory per entity (used_memory delta / entities)")
-        print(f"  {f'hash per entity ({nf} fields + _ts, _v)':44} {hash_bytes:6,.0f} B")
-        print(f"  {f'naive: {nf} string keys per entity':44} {naive_bytes:6,.0f} B  "
-              f"({naive_bytes / hash_bytes:.1f}x)")
+        for label, b in ((f"packed string ({nf} + 2 int64)", packed_bytes),
+                         (f"hash per entity ({nf} fields + _ts, _v)", hash_bytes),
+                         (f"naive: {nf} string keys per entity", naive_bytes)):
+            print(f"  {label:44} {b:6,.0f} B  ({b / packed_bytes:.1f}x)")
     finally:
         client.close()
         server.stop()

@@ -1,6 +1,10 @@
 """Serving benchmarks, on a private redis-server (loopback, a free port, stopped at the end) with
 a small published model and count features for every user and item:
 
+[0] `FeatureStore.get_many` of 100 entities (one MGET of packed rows, decoded) beside a bare
+    redis-py MGET of the same keys (the floor) and the hash-per-entity layout of earlier
+    versions read with a pipeline of HMGETs, on the same random ids in turn; and the Redis
+    bytes per entity of both layouts;
 [1] `Scorer.score(user, 100 items)` in process, p50/p99: the floor for [2];
 [2] HTTP `POST /score` of the same requests to `ctrstream serve` (a subprocess), from wrk
     (Debian's package; closed loop: each connection sends its next request when the last one
@@ -33,6 +37,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.features_store import make_rows, read_peers, used_memory, write_hash  # noqa: E402
 from ctrstream.stack import Component, free_port  # noqa: E402
 from flows.build import (  # noqa: E402
     feature_spec,
@@ -64,6 +69,31 @@ def setup(cfg: Config) -> None:
         writer.write_many({(entity, f"{entity[0]}{k}"): {f: (k * 7 + j) % 50
                                                           for j, f in enumerate(names)}
                            for k in range(n)}, now)
+
+
+def store_reads(cfg: Config, entities: int, trials: int) -> dict:
+    """[0]: get_many(100) beside its peers, and bytes per entity of both layouts."""
+    store = feature_store(cfg, feature_spec(cfg).feature_names())
+    client = store.client
+    rows = make_rows(entities, store.feature_names)
+    mem0 = used_memory(client)
+    store.write_many(rows, int(time.time() * 1000))
+    mem1 = used_memory(client)
+    write_hash(client, rows)
+    packed_b, hash_b = (mem1 - mem0) / entities, (used_memory(client) - mem1) / entities
+    r = read_peers(client, store, "user", entities, 100, trials)
+    print(f"[0] 100 of {entities:,} entities x {len(store.feature_names)} features, random ids "
+          f"({trials} trials, in turn on the same ids)")
+    for label, key in (("FeatureStore.get_many (1 MGET, decoded)", "get_many"),
+                       ("bare redis-py MGET, same keys, undecoded", "mget"),
+                       ("hash per entity: 1 pipeline of HMGET", "hmget")):
+        print(f"    {label:42} p50 {r[key][0]:6.3f} ms  p99 {r[key][1]:6.3f} ms")
+    print(f"    get_many is {r['hmget'][0] / r['get_many'][0]:.1f}x faster than the HMGET "
+          f"pipeline and {r['get_many'][0] / r['mget'][0]:.2f}x the bare MGET (p50); Redis "
+          f"bytes per entity: packed {packed_b:,.0f} B, hash {hash_b:,.0f} B")
+    return {"get_many_p50_ms": r["get_many"][0], "get_many_p99_ms": r["get_many"][1],
+            "mget_p50_ms": r["mget"][0], "hmget_p50_ms": r["hmget"][0],
+            "packed_bytes_per_entity": packed_b, "hash_bytes_per_entity": hash_b}
 
 
 def requests_for(n: int, items: int, seed: int = 0) -> list[dict]:
@@ -145,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=5.0, help="per load level")
     ap.add_argument("--items", type=int, default=100, help="items per /score request")
     ap.add_argument("--trials", type=int, default=1000, help="in-process score calls")
+    ap.add_argument("--entities", type=int, default=20_000, help="entities for [0]")
     ap.add_argument("--json", action="store_true", help="print one JSON object last")
     args = ap.parse_args(argv)
     state = Path(tempfile.mkdtemp(prefix="bench-serving-"))
@@ -155,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = Config().replace(redis={"url": f"redis://127.0.0.1:{server.port}/0"},
                                learn={"emb_dim": 16, "emb_fallback_rows": 256})
+        out.update(store_reads(cfg, args.entities, args.trials))
         setup(cfg)
         bodies = requests_for(200, args.items)
 

@@ -157,7 +157,7 @@ def _close(client) -> None:
 
 def check_feature_store(cfg: Config) -> Check:
     """The store's meta key against the schema this code's join flow writes."""
-    from features.store import SchemaMismatch
+    from features.store import LayoutMismatch, SchemaMismatch
     from flows.build import feature_spec, feature_store
 
     if not cfg.features.enabled:
@@ -182,7 +182,10 @@ def check_feature_store(cfg: Config) -> Check:
                          f"{store.meta_key} has schema version {found}, older than this "
                          f"code's {ours}", "the join flow of this version upgrades it on its "
                          "first write; until then readers of this version see no features")
-        store.get_many(next(iter(spec.entities)), [])  # the readers' check of names
+        store.check()  # the readers' check of layout and names
+    except LayoutMismatch as e:
+        return Check(FAIL, "feature store", str(e), "stop the join flow, run `ctrstream "
+                     "features migrate`, start it again")
     except SchemaMismatch as e:
         return Check(FAIL, "feature store", str(e),
                      "use the same [features] config in the join flow and here; bump the "

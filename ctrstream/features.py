@@ -64,7 +64,29 @@ def _top(args: argparse.Namespace, store: FeatureStore) -> int:
     return 0
 
 
+def _migrate(cfg: Config) -> int:
+    from flows.build import redis_client
+
+    prefix = cfg.features.store_prefix
+    started = time.monotonic()
+
+    def progress(seen: int, rewritten: int) -> None:
+        print(f"  {seen:,} keys scanned, {rewritten:,} rows rewritten "
+              f"({time.monotonic() - started:.0f} s)", file=sys.stderr)
+
+    n = FeatureStore.migrate(redis_client(cfg), prefix=prefix, progress=progress)
+    where = f"feature store {prefix} on {redact_url(cfg.redis.url)}"
+    if n is None:
+        print(f"{where}: already packed rows, nothing to do")
+    else:
+        print(f"{where}: {n:,} rows rewritten as packed rows in "
+              f"{time.monotonic() - started:.1f} s")
+    return 0
+
+
 def run(args: argparse.Namespace, cfg: Config) -> int:
+    if args.action == "migrate":
+        return _migrate(cfg)
     try:
         store = feature_store(cfg)  # names and version from the meta key
     except MetaMissing:
@@ -95,4 +117,9 @@ def register(subparsers) -> None:
     t.add_argument("--by", required=True, metavar="FEATURE")
     t.add_argument("-n", type=int, default=10, help="how many (default 10)")
     t.add_argument("--json", action="store_true", help="JSON instead of a table")
+    sub.add_parser("migrate", help="rewrite a store of the hash layout as packed rows",
+                   description="Rewrite every entity of a feature store written by ctrstream "
+                               "before packed rows (one hash per entity) as one packed string, "
+                               "keeping its TTL; the readers and writers refuse such a store "
+                               "until then. Stop the join flow first. Safe to run again.")
     p.set_defaults(func=run)

@@ -331,7 +331,7 @@ def _scan_keys(client, prefix: str, n: int, max_calls: int = 200) -> list[bytes]
 def freshness_figure(cfg: Config, sample: int):
     import redis
 
-    from features.store import redact_url
+    from features.store import redact_url, row_ts
     from flows.build import redis_client
 
     title = "Feature freshness: event time since each row was last written"
@@ -339,15 +339,13 @@ def freshness_figure(cfg: Config, sample: int):
         client = redis_client(cfg.replace(redis={"socket_timeout_s": 5.0,
                                                  "connect_timeout_s": 2.0}))
         keys = _scan_keys(client, cfg.features.store_prefix, sample)
-        pipe = client.pipeline(transaction=False)
-        for k in keys:
-            pipe.hget(k, "_ts")
-        ts = pipe.execute() if keys else []
+        mget = client.mget_nonatomic if cfg.redis.cluster else client.mget
+        raw = mget(keys) if keys else []
     except redis.RedisError as e:
         return _empty(title, f"Redis {redact_url(cfg.redis.url)} not readable "
                       f"({type(e).__name__})")
-    rows = [(k.decode(errors="replace"), int(t)) for k, t in zip(keys, ts, strict=True)
-            if t is not None]
+    rows = [(k.decode(errors="replace"), t) for k, t in
+            zip(keys, map(row_ts, raw), strict=True) if t is not None]
     if not rows:
         return _empty(title, f"no rows under {cfg.features.store_prefix}:{{...}} in "
                       f"{redact_url(cfg.redis.url)} (run the join flow with features on)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 
+import orjson
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -137,7 +138,18 @@ def test_feature_store_lacking_features_fails(cfg, tmp_path, capsys):
     code, lines, out, _ = doctor(cfg, tmp_path, capsys)
     assert code == 1, out
     assert status(lines["feature store"]) == "FAIL"
-    assert "has no features" in lines["feature store"]
+    assert "has features ['other'], this reader expects" in lines["feature store"]
+
+
+def test_feature_store_of_the_hash_layout_fails_with_the_fix(cfg, tmp_path, capsys):
+    spec = feature_spec(cfg)
+    redis_client(cfg).hset(f"{cfg.features.store_prefix}:meta", mapping={
+        "version": 1, "features": orjson.dumps(spec.feature_names())})  # before packed rows
+    code, lines, out, _ = doctor(cfg, tmp_path, capsys)
+    assert code == 1, out
+    assert status(lines["feature store"]) == "FAIL"
+    assert "hash per entity" in lines["feature store"]
+    assert "run `ctrstream features migrate`" in lines["feature store"]
 
 
 def test_redis_down_fails_fast(cfg, tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 
 import orjson
@@ -14,15 +15,17 @@ from ctrstream.stack import Component, free_port
 from features.store import (
     BufferedWriter,
     FeatureStore,
+    LayoutMismatch,
     SchemaMismatch,
     StoreUnavailable,
+    row_ts,
 )
 from flows.build import redis_client
 from flows.config import Config
 
 pytestmark = pytest.mark.integration
 
-NAMES = ["clicks_1h", "imps_1h", "ctr_1h", "delta"]
+NAMES = ["clicks_1h", "imps_1h", "clicks_5m", "delta"]
 
 
 @pytest.fixture
@@ -41,29 +44,32 @@ class CountingConnection(redis.Connection):
 
 
 def test_round_trip(store):
-    store.write_many({("user", "1"): {"clicks_1h": 3, "imps_1h": 120, "ctr_1h": 0.025,
+    store.write_many({("user", "1"): {"clicks_1h": 3, "imps_1h": 120, "clicks_5m": 1,
                                       "delta": -7},
                       ("item", "9"): {"clicks_1h": 1}},
                      ts_ms={("user", "1"): 1_700_000_000_123, ("item", "9"): 5})
     row = store.get("user", "1")
-    assert row == {"clicks_1h": 3, "imps_1h": 120, "ctr_1h": 0.025, "delta": -7,
+    assert row == {"clicks_1h": 3, "imps_1h": 120, "clicks_5m": 1, "delta": -7,
                    "_ts": 1_700_000_000_123, "_missing": False}
-    assert type(row["clicks_1h"]) is int and type(row["ctr_1h"]) is float
+    assert all(type(row[n]) is int for n in NAMES)
     # a partly written entity: the features it lacks read as 0
-    assert store.get("item", "9") == {"clicks_1h": 1, "imps_1h": 0, "ctr_1h": 0, "delta": 0,
+    assert store.get("item", "9") == {"clicks_1h": 1, "imps_1h": 0, "clicks_5m": 0, "delta": 0,
                                       "_ts": 5, "_missing": False}
-    raw = store.client.hgetall("f:{user:1}")
-    assert raw[b"_v"] == b"1" and raw[b"_ts"] == b"1700000000123"
+    # the documented layout: little-endian int64 version, _ts, then the features in order
+    raw = store.client.get("f:{user:1}")
+    assert struct.unpack("<6q", raw) == (1, 1_700_000_000_123, 3, 120, 1, -7)
+    assert row_ts(raw) == 1_700_000_000_123
     meta = store.client.hgetall("f:meta")
     assert meta[b"version"] == b"1" and orjson.loads(meta[b"features"]) == NAMES
+    assert meta[b"layout"] == b"i64le"
 
 
 def test_writes_are_absolute_and_idempotent(store):
-    rows = {("user", str(i)): {"clicks_1h": i, "ctr_1h": i / 10} for i in range(50)}
+    rows = {("user", str(i)): {"clicks_1h": i, "delta": i * 10} for i in range(50)}
     store.write_many(rows, 1000)
-    first = {k: store.client.hgetall(store.key(*k)) for k in rows}
+    first = store.client.mget([store.key(*k) for k in rows])
     store.write_many(rows, 1000)  # a replay after a crash
-    assert {k: store.client.hgetall(store.key(*k)) for k in rows} == first
+    assert store.client.mget([store.key(*k) for k in rows]) == first
     assert store.get("user", "7")["clicks_1h"] == 7  # not 14
 
 
@@ -83,14 +89,18 @@ def test_get_many_is_one_round_trip(redis_client, stack_cfg):
         client.ping()  # connect (HELLO, CLIENT SETINFO) before counting
         redis_client.config_resetstat()
         CountingConnection.sends = 0
-        rows = reader.get_many("user", ids)
+        rows = reader.get_many("user", ids)  # the first read checks the meta key too
         assert CountingConnection.sends == 1
+        again = reader.get_many("user", ids)
+        assert CountingConnection.sends == 2
     finally:
         client.close()
-    hmget = redis_client.info("commandstats")["cmdstat_hmget"]["calls"]
-    assert hmget == 301  # 300 entities + the meta key
+    stats = redis_client.info("commandstats")
+    assert stats["cmdstat_mget"]["calls"] == 2  # one MGET of 300 keys per call
+    assert stats["cmdstat_hmget"]["calls"] == 1  # the meta key, once until its check is due
     assert [r["clicks_1h"] for r in rows[:4]] == [0, 0, 2, 0]
     assert [r["_missing"] for r in rows[:4]] == [False, True, False, True]
+    assert again == rows
 
 
 def test_ttl_is_set_on_every_write(redis_client):
@@ -110,7 +120,7 @@ def test_schema_mismatch(redis_client):
     v2 = FeatureStore(redis_client, feature_names=NAMES, schema_version=2)
     with pytest.raises(SchemaMismatch, match="has schema version 1, this reader expects 2"):
         v2.get("user", "1")
-    with pytest.raises(SchemaMismatch, match="no features"):
+    with pytest.raises(SchemaMismatch, match="this reader expects \\['clicks_1h', 'new'\\]"):
         FeatureStore(redis_client, feature_names=["clicks_1h", "new"]).get("user", "1")
     with pytest.raises(SchemaMismatch, match="bump schema_version"):
         FeatureStore(redis_client, feature_names=["clicks_1h"]).write_many({}, 1)
@@ -126,12 +136,72 @@ def test_schema_mismatch(redis_client):
     assert v2.get("user", "2")["clicks_1h"] == 2
 
 
+def test_rows_of_other_versions_and_lengths(redis_client):
+    store = FeatureStore(redis_client, feature_names=NAMES, schema_version=2)
+    store.write_many({("user", "ok"): {"clicks_1h": 5}}, 7)
+    assert store.get("user", "ok")["clicks_1h"] == 5  # the meta check is now done
+    k = store.key
+    redis_client.set(k("user", "old"), struct.pack("<6q", 1, 9, 1, 2, 3, 4))
+    redis_client.set(k("user", "older"), struct.pack("<3q", 1, 9, 1))  # fewer features
+    redis_client.set(k("user", "short"), b"abc")
+    redis_client.hset(k("user", "hash"), "clicks_1h", 1)  # a hash: MGET reads it as absent
+    rows = store.get_many("user", ["old", "older", "short", "hash", "ok"])
+    assert [r["_missing"] for r in rows] == [True, True, True, True, False]
+    assert rows[0] == {**dict.fromkeys(NAMES, 0), "_ts": None, "_missing": True}
+    # a row of a newer version is noticed on the row itself, between the meta checks
+    redis_client.set(k("user", "new"), struct.pack("<6q", 3, 9, 1, 2, 3, 4))
+    with pytest.raises(SchemaMismatch, match="a row has schema version 3"):
+        store.get_many("user", ["ok", "new"])
+    # this version's rows with another number of features: the writer's names differ
+    redis_client.set(k("user", "odd"), struct.pack("<4q", 2, 9, 1, 2))
+    with pytest.raises(SchemaMismatch, match="has 2 values, this reader expects 4"):
+        store.get("user", "odd")
+
+
+def hash_layout_store(client, n: int) -> None:
+    """What ctrstream wrote before packed rows: one hash per entity, and no layout in meta."""
+    client.hset("f:meta", mapping={"version": 1, "features": orjson.dumps(NAMES)})
+    for i in range(n):
+        client.hset(f"f:{{user:{i}}}", mapping={"clicks_1h": i, "imps_1h": 10 * i,
+                                                "_ts": 1000 + i, "_v": 1})
+        client.expire(f"f:{{user:{i}}}", 500 + i)
+    client.hset("f:{user:v0}", mapping={"clicks_1h": 1, "_ts": 1, "_v": 0})  # an older schema
+
+
+def test_a_hash_layout_store_is_refused_then_migrated(redis_client, cli_config, capsys):
+    hash_layout_store(redis_client, 1500)
+    store = FeatureStore(redis_client, feature_names=NAMES)
+    for act in (lambda: store.get("user", "1"), lambda: store.write_many({}, 1),
+                lambda: FeatureStore.from_meta(redis_client)):
+        with pytest.raises(LayoutMismatch, match="ctrstream features migrate"):
+            act()
+    assert main(["--config", cli_config, "features", "get", "user", "1"]) == 1
+    assert "ctrstream features migrate" in capsys.readouterr().err
+    assert main(["--config", cli_config, "features", "migrate"]) == 0
+    assert "1,500 rows rewritten" in capsys.readouterr().out
+    rows = store.get_many("user", ["0", "7", "1499", "v0"])
+    assert [(r["clicks_1h"], r["imps_1h"], r["_ts"]) for r in rows[:3]] == [
+        (0, 0, 1000), (7, 70, 1007), (1499, 14990, 2499)]
+    assert rows[3]["_missing"] is True  # left to expire, as before
+    assert 490 < redis_client.ttl("f:{user:7}") <= 507  # each key keeps its TTL
+    assert main(["--config", cli_config, "features", "migrate"]) == 0  # again: nothing to do
+    assert "already" in capsys.readouterr().out
+    store.write_many({("user", "1"): {"clicks_1h": 2}}, 1)  # writers accept it now
+
+
 def test_bad_input_is_refused(store):
     with pytest.raises(ValueError, match="unknown features"):
         store.write_many({("user", "1"): {"clickz": 1}}, 1)
     with pytest.raises(ValueError, match="entity name"):
         store.write_many({("us*er", "1"): {"clicks_1h": 1}}, 1)
+    for bad in (0.5, 2.0, "3", None, True, 2**63):
+        with pytest.raises(ValueError, match="clicks_1h"):
+            store.write_many({("user", "1"): {"clicks_1h": bad}}, 1)
     assert store.client.exists("f:meta") == 0  # nothing written
+    w = BufferedWriter(store)
+    with pytest.raises(ValueError, match="integers"):  # refused at put, not at every flush
+        w.put("user", "1", {"clicks_1h": 0.25}, 1)
+    assert w.pending == 0
 
 
 def test_buffered_writer_coalesces_and_flushes_on_size(store):
@@ -144,7 +214,7 @@ def test_buffered_writer_coalesces_and_flushes_on_size(store):
     assert w.pending == 2 and w.flushes == 0
     w.put("user", "3", {"clicks_1h": 9}, 300)  # the third key: flush
     assert w.pending == 0 and (w.flushes, w.written) == (1, 3)
-    assert store.get("user", "1") == {"clicks_1h": 3, "imps_1h": 10, "ctr_1h": 0, "delta": 0,
+    assert store.get("user", "1") == {"clicks_1h": 3, "imps_1h": 10, "clicks_5m": 0, "delta": 0,
                                       "_ts": 300, "_missing": False}
     assert store.get("user", "3")["clicks_1h"] == 9
 
@@ -230,20 +300,20 @@ def cli_config(tmp_path, stack_cfg):
 
 
 def test_cli_get_table_and_json(store, cli_config, capsys):
-    store.write_many({("user", "42"): {"clicks_1h": 3, "imps_1h": 1200, "ctr_1h": 0.0025}},
+    store.write_many({("user", "42"): {"clicks_1h": 3, "imps_1h": 1200, "clicks_5m": 2}},
                      1_700_000_000_000)
     assert main(["--config", cli_config, "features", "get", "user", "42"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("user 42  (key f:{user:42}, schema version 1)")
     assert out[1].startswith("as of 2023-11-14T22:13:20.000+00:00  (")
-    assert out[2:] == ["feature     value",
-                       "clicks_1h       3",
-                       "imps_1h      1200",
-                       "ctr_1h     0.0025",
-                       "delta           0"]
+    assert out[2:] == ["feature    value",
+                       "clicks_1h      3",
+                       "imps_1h     1200",
+                       "clicks_5m      2",
+                       "delta          0"]
     assert main(["--config", cli_config, "features", "get", "user", "42", "--json"]) == 0
     doc = orjson.loads(capsys.readouterr().out)
-    assert doc["features"] == {"clicks_1h": 3, "imps_1h": 1200, "ctr_1h": 0.0025, "delta": 0}
+    assert doc["features"] == {"clicks_1h": 3, "imps_1h": 1200, "clicks_5m": 2, "delta": 0}
     assert (doc["ts_ms"], doc["missing"]) == (1_700_000_000_000, False)
 
 
