@@ -57,7 +57,8 @@ class BadRequest(Exception):
 
 class Pool:
     """Up to ``size`` objects made by ``make`` (scorers are not shared between threads).
-    An object whose call raised a Redis error is closed and not handed out again."""
+    An object whose call raised a Redis error is dropped (its connections close with it), so
+    the next call makes a new one: that is how the server recovers once Redis is back."""
 
     def __init__(self, make: Callable[[], object], size: int) -> None:
         self._make, self._free, self._lock = make, [], threading.Lock()
@@ -72,7 +73,6 @@ class Pool:
             try:
                 return fn(obj)
             except REDIS_DOWN:
-                _close(obj)
                 obj = None
                 raise
             finally:
@@ -82,28 +82,7 @@ class Pool:
 
     def clear(self) -> None:
         with self._lock:
-            free, self._free = self._free, []
-        for obj in free:
-            _close(obj)
-
-
-def _close(obj) -> None:
-    for client in {id(c): c for c in _clients(obj)}.values():
-        try:
-            client.close()
-        except Exception:  # a dead connection may fail to close; it is dropped either way
-            pass
-
-
-def _clients(obj) -> list:
-    found = []
-    for attr in ("client", "models", "features"):
-        inner = getattr(obj, attr, None)
-        if isinstance(inner, redis.Redis | redis.RedisCluster):
-            found.append(inner)
-        elif inner is not None and inner is not obj:
-            found += _clients(inner)
-    return found
+            self._free = []
 
 
 def _reason(e: Exception) -> str:
