@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -53,6 +55,46 @@ def redis_client(stack_cfg):
     client.flushdb()
     yield client
     client.close()
+
+
+@pytest.fixture
+def cluster_node(tmp_path):
+    """A one-node Redis Cluster owning every slot, on a free port; stopped at the end."""
+    port = free_port()
+    log = tmp_path / "redis.log"
+    # the bus port defaults to port + 10000, which may be taken or past 65535: pick one
+    proc = subprocess.Popen(
+        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--cluster-enabled", "yes", "--cluster-port", str(free_port()),
+         "--dir", str(tmp_path), "--cluster-config-file", str(tmp_path / "nodes.conf"),
+         "--logfile", str(log)], stdin=subprocess.DEVNULL, cwd=tmp_path)
+    import redis
+
+    client = redis.Redis(port=port, socket_timeout=1)
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # poll: ready as soon as it answers
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"redis-server (cluster) on {port} did not start:\n"
+                                f"{log.read_text() if log.exists() else ''}")
+                time.sleep(0.02)
+        client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        while b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
+            assert time.monotonic() < deadline, "cluster state never became ok"
+            time.sleep(0.02)
+        yield port
+    finally:
+        client.close()
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -345,3 +345,26 @@ def test_cli_errors(redis_client, cli_config, tmp_path, capsys):
     assert main(["--config", str(dead), "features", "get", "user", "1"]) == 1
     err = capsys.readouterr().err
     assert "cannot reach Redis at redis://:***@127.0.0.1:" in err and "pw123" not in err
+
+
+def test_works_on_redis_cluster(cluster_node):
+    """On a cluster an MGET may only name keys of one hash slot: reads are grouped by slot."""
+    from redis.cluster import RedisCluster
+
+    client = RedisCluster(host="127.0.0.1", port=cluster_node)
+    try:
+        store = FeatureStore(client, feature_names=NAMES)
+        ids = [str(i) for i in range(300)]  # keys spread over many slots
+        store.write_many({("user", i): {"clicks_1h": int(i)} for i in ids[::2]}, 9)
+        rows = store.get_many("user", ids)
+        assert len({client.keyslot(store.key("user", i)) for i in ids}) > 100
+        assert [(r["clicks_1h"], r["_missing"]) for r in rows[:4]] == [
+            (0, False), (0, True), (2, False), (0, True)]
+        assert store.get_many("user", ids) == rows  # the second read skips the meta check
+        pairs = [("user", "4"), ("item", "x"), ("user", "298")]
+        pipe = client.pipeline()
+        store.queue_pairs(pipe, pairs)  # as the scorer shares its round trip
+        assert [r["clicks_1h"] for r in store.decode_pairs(pipe.execute())] == [4, 0, 298]
+        assert [v for _, v in store.top("user", "clicks_1h", n=2)] == [298, 296]
+    finally:
+        client.close()
