@@ -126,9 +126,10 @@ class Scorer:
         if more:  # attributes new or changed since last read: their entities' counts
             rows.update(zip(more, self.features.get_pairs(more), strict=True))
         names = self.features.feature_names
+        # each entity's counts once (a user's are in every example), shared by the examples
+        counts = {pair: {n: row[n] for n in names} for pair, row in rows.items()}
         for e, ps in zip(examples, pairs, strict=True):
-            e["counts"] = {entity: {n: rows[(entity, id_)][n] for n in names}
-                           for entity, id_ in ps}
+            e["counts"] = {entity: counts[(entity, id_)] for entity, id_ in ps}
         return (None if pointer is None else pointer.decode(),
                 None if generation is None else int(generation), examples)
 
