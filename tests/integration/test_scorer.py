@@ -90,6 +90,9 @@ def test_one_round_trip_per_score_and_new_versions_and_pushes_picked_up(setup, m
     assert s.loads == 2 and s.version == version
     assert [a["ftrl"] for a in after] != [b["ftrl"] for b in before]
     check_equal(s, models, users, items)
+    # The embedding model's dense block is learned online and goes with every push.
+    dense = store.load(version).get_vectors("dense", np.arange(len(models.emb.dense_weights())))
+    np.testing.assert_array_equal(dense[:, 0], models.emb.dense_weights())
 
     # A newly published version is picked up on the next request, and kept after it.
     models.learn(records[500:])
