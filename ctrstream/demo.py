@@ -32,7 +32,7 @@ from flows.config import load_config
 from flows.kafka import read_topics
 from flows.learn import stats_path
 from flows.run import run_flow
-from learners.metrics import entropy
+from learners.metrics import entropy, slice_range
 
 
 def show_features(cfg, examples: list[dict]) -> None:
@@ -62,10 +62,13 @@ def show_learning(cfg, truth, examples: list[dict], user: str) -> None:
     print("== model quality, progressive (each example predicted before it is learned)")
     ctr = float(np.mean([e["label"] for e in examples]))
     bayes = bayes_log_loss(truth, cfg.join.wait_window_ms) / entropy(ctr)
-    print(f"   {'model':24} {'NE':>7} {'calibration':>12} {'AUC':>7}")
+    print(f"   {'model (best NE first)':24} {'NE':>7} {'calibration':>12} "
+          f"{'by position':>12} {'by hour':>12} {'AUC':>7}")
     names = {"ftrl": "FTRL-Proximal", "bopr": "BOPR", "emb": "ID embeddings (torch)"}
-    for name, m in stats["metrics"].items():
-        print(f"   {names[name]:24} {m['ne']:7.4f} {m['calibration']:12.3f} {m['auc']:7.3f}")
+    for name, m in sorted(stats["metrics"].items(), key=lambda nm: nm[1]["ne"]):
+        (p0, p1), (h0, h1) = slice_range(m, "position"), slice_range(m, "hour")
+        print(f"   {names[name]:24} {m['ne']:7.4f} {m['calibration']:12.3f} "
+              f"{f'{p0:.2f}-{p1:.2f}':>12} {f'{h0:.2f}-{h1:.2f}':>12} {m['auc']:7.3f}")
     print(f"   {'Bayes-optimal (true p)':24} {bayes:7.4f}   (the floor: NE of the generator's "
           "own probabilities)")
     items = []

@@ -26,6 +26,7 @@ import numpy as np
 import orjson
 
 from flows.config import Config
+from learners.metrics import slice_range
 
 log = logging.getLogger(__name__)
 
@@ -402,6 +403,11 @@ svg{max-width:100%;height:auto}
 table{border-collapse:collapse;font-size:0.92em}td,th{padding:2px 10px;text-align:right}"""
 
 
+def _ne_order(summary: dict) -> tuple[bool, float]:
+    ne = _num(summary.get("ne"))
+    return math.isnan(ne), ne
+
+
 def _summary_table(cfg: Config) -> str:
     from flows.learn import stats_path
 
@@ -417,9 +423,13 @@ def _summary_table(cfg: Config) -> str:
         rows = "".join(
             f"<tr><td style='text-align:left'>{MODEL_NAMES.get(m, m)}</td>"
             f"<td>{_fmt(v['ne'])}</td><td>{_fmt(v['calibration'], '.3f')}</td>"
-            f"<td>{_fmt(v['auc'], '.3f')}</td></tr>" for m, v in s["metrics"].items())
-        cells.append("<table><tr><th style='text-align:left'>model</th><th>NE</th>"
-                     f"<th>calibration</th><th>AUC</th></tr>{rows}</table>")
+            + "".join(f"<td>{_fmt(lo, '.2f')}-{_fmt(hi, '.2f')}</td>"
+                      for lo, hi in (slice_range(v, "position"), slice_range(v, "hour")))
+            + f"<td>{_fmt(v['auc'], '.3f')}</td></tr>"
+            for m, v in sorted(s["metrics"].items(), key=lambda mv: _ne_order(mv[1])))
+        cells.append("<table><tr><th style='text-align:left'>model (best NE first)</th>"
+                     "<th>NE</th><th>calibration</th><th>by position (min-max)</th>"
+                     f"<th>by hour (min-max)</th><th>AUC</th></tr>{rows}</table>")
     return "\n".join(cells)
 
 

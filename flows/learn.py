@@ -29,6 +29,7 @@ from flows.build import feature_spec, model_settings, model_store
 from flows.config import Config, load_config
 from flows.kafka import KafkaRecordSink, TopicSource, dead_letter
 from learners.archive import ExampleArchive
+from learners.metrics import slice_range
 from learners.model import Models, check_counted
 from learners.trainer import OnlineTrainer
 
@@ -100,7 +101,9 @@ class LearnLogic(StatefulBatchLogic):
         rate = (counts["in"] - n_then) / max(now - then, 1e-9)
         parts, summary = [], t.models.summary()  # once: its window AUC sorts the window
         for name, s in summary.items():
+            (p0, p1), (h0, h1) = slice_range(s, "position"), slice_range(s, "hour")
             parts.append(f"{name} NE {s['window_ne']:.4f} calib {s['window_calibration']:.3f} "
+                         f"(by position {p0:.2f}-{p1:.2f}, by hour {h0:.2f}-{h1:.2f}) "
                          f"AUC {s['window_auc']:.3f}")
         log.info("learn: %s in, %s learned, %s duplicates, %s dead letters, %.0f ex/s; %s",
                  f"{counts['in']:,}", f"{counts['learned']:,}", f"{counts['duplicates']:,}",

@@ -4,6 +4,9 @@
   CTR, i.e. relative to always predicting the observed CTR; lower is better, 1 is no skill.
 * Calibration: mean prediction / empirical CTR; 1 is calibrated.
 * AUC: ranking quality, blind to calibration.
+* Calibration by slice (``slices``, e.g. ``{"position": 10, "hour": 24}``): the same ratio
+  within each value of a small integer key given with each example; an overall 1.0 can hide
+  0.5 at one position and 1.2 at another.
 
 Each is kept over the whole stream and over a sliding window of the last ``window`` examples.
 The window's AUC is exact (ranks of the window, ties averaged). The whole stream's AUC comes
@@ -22,11 +25,16 @@ against it.
 >>> m.update(0.9, 0)  # the window drops 0.1 and takes a negative ranked first
 >>> m.summary()["window_n"], round(m.summary()["window_auc"], 3)
 (4, 0.25)
+>>> s = ProgressiveMetrics(window=4, slices={"position": 2})
+>>> s.update_many([0.25, 0.5, 0.125, 0.25], [1, 0, 0, 1], {"position": [0, 0, 1, 1]})
+>>> s.summary()["calibration_by"], slice_range(s.summary(), "position")
+({'position': [0.75, 0.375]}, (0.375, 0.75))
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -66,6 +74,14 @@ def exact_auc(p, y) -> float:
     return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
 
 
+def slice_range(summary: dict, name: str) -> tuple[float, float]:
+    """The lowest and highest calibration over the slices of ``name`` in a ``summary()``
+    (NaN, NaN without them: no slice with a click yet, or a summary from before slices)."""
+    values = [v for v in (summary.get("calibration_by") or {}).get(name, [])
+              if v is not None and not math.isnan(v)]
+    return (min(values), max(values)) if values else (float("nan"), float("nan"))
+
+
 class ProgressiveMetrics:
     """NE, calibration and AUC over the whole stream and the last ``window`` examples.
 
@@ -73,11 +89,15 @@ class ProgressiveMetrics:
     learners returns those) and the label.
     """
 
-    def __init__(self, window: int = 100_000, auc_bins: int = 4096):
+    def __init__(self, window: int = 100_000, auc_bins: int = 4096,
+                 slices: Mapping[str, int] | None = None):
         if window < 1 or auc_bins < 2:
             raise ValueError("window must be >= 1 and auc_bins >= 2")
         self.window = window
         self.auc_bins = auc_bins
+        self.slices = dict(slices or {})  # name -> number of values (keys 0..n-1)
+        # [sum of p, clicks] of every slice value, the slices one after the other
+        self.slice_sums = np.zeros((2, sum(self.slices.values())))
         self.n = 0
         self.clicks = 0.0
         self.sum_p = 0.0
@@ -96,11 +116,21 @@ class ProgressiveMetrics:
     def update(self, p: float, y) -> None:
         self.update_many(np.array([p], dtype=np.float64), np.array([y], dtype=np.float64))
 
-    def update_many(self, p, y) -> None:
+    def update_many(self, p, y, slice_keys: Mapping[str, Sequence[int]] | None = None) -> None:
+        """``slice_keys``: for each slice, the key of each example (0..n-1 counted, anything
+        else not)."""
         p = np.asarray(p, dtype=np.float64).ravel()
         y = (np.asarray(y).ravel() != 0).astype(np.float64)
         if len(p) != len(y):
             raise ValueError(f"{len(p)} predictions for {len(y)} labels")
+        offset = 0
+        for name, size in self.slices.items():
+            if slice_keys is not None and name in slice_keys:
+                k = np.asarray(slice_keys[name], dtype=np.int64).ravel()
+                ok = (k >= 0) & (k < size)
+                np.add.at(self.slice_sums, (slice(None), offset + k[ok]),
+                          np.stack([p[ok], y[ok]]))
+            offset += size
         self.n += len(p)
         self.clicks += float(y.sum())
         self.sum_p += float(p.sum())
@@ -144,4 +174,13 @@ class ProgressiveMetrics:
             window_calibration=float(p.mean()) / w_ctr if k and w_ctr > 0 else nan,
             window_auc=exact_auc(p, y) if k else nan,
         )
+        if self.slices:
+            by, offset = {}, 0
+            sum_p, clicks = self.slice_sums
+            for name, size in self.slices.items():
+                c = clicks[offset:offset + size]
+                by[name] = [float(a / b) if b > 0 else nan
+                            for a, b in zip(sum_p[offset:offset + size], c, strict=True)]
+                offset += size
+            out["calibration_by"] = by
         return out

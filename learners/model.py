@@ -49,6 +49,8 @@ MODELS = ("ftrl", "bopr", "emb")
 FORMAT = 1
 DAY_MS = 86_400_000
 MICRO_BATCH = 256  # examples predicted, then learned, at a time
+# Calibration is reported per value of these (position 9 and beyond lumped together).
+SLICES = {"position": 10, "hour": 24}
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,28 @@ def make_hasher(meta: Mapping) -> FeatureHasher:
                          count_features=trained_spec(meta))
 
 
+def slice_keys(examples: Sequence[Mapping]) -> dict[str, np.ndarray]:
+    """Each example's position (0..9, 9 and beyond together) and hour (mod 24); -1 where the
+    feature is missing or not an integer."""
+    pos, hour = [], []
+    for e in examples:
+        f = e.get("features") or {}
+        p, h = _int(f.get("position")), _int(f.get("hour"))
+        pos.append(-1 if p is None or p < 0 else min(p, SLICES["position"] - 1))
+        hour.append(-1 if h is None else h % 24)
+    return {"position": np.array(pos, np.int64), "hour": np.array(hour, np.int64)}
+
+
+def _int(v) -> int | None:
+    if isinstance(v, int):
+        return int(v)
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, str) and v.isdecimal():
+        return int(v)
+    return None
+
+
 def take_rows(indptr: np.ndarray, indices: np.ndarray, mask: np.ndarray):
     """The rows of a CSR batch where ``mask`` is true."""
     lengths = np.diff(indptr)
@@ -136,7 +160,7 @@ class Models:
         if self.emb.count_entities != tuple(spec.entities) or (
                 self.emb.count_names != tuple(spec.feature_names())):
             raise ValueError("the embedding model reads other counts than the spec given")
-        self.metrics = {m: ProgressiveMetrics(s.metrics_window) for m in MODELS}
+        self.metrics = {m: ProgressiveMetrics(s.metrics_window, slices=SLICES) for m in MODELS}
         self.examples = 0  # learned (after downsampling)
         self.micro_batch = 1
         self.items: dict[str, dict] = {}  # item attributes seen since the last push
@@ -178,8 +202,9 @@ class Models:
         csr = self.hasher.batch(batch)
         y = np.fromiter((e["label"] for e in batch), np.float64, len(batch))
         predictions = self.predict(batch, csr)
+        keys = slice_keys(batch)
         for name, p in predictions.items():
-            self.metrics[name].update_many(p, y)
+            self.metrics[name].update_many(p, y, keys)
         if annotate:
             for i, e in enumerate(batch):
                 e["online_p"] = {name: float(p[i]) for name, p in predictions.items()}

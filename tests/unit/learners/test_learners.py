@@ -406,3 +406,24 @@ def test_auc_window_exact_and_cumulative_close():
     batched = ProgressiveMetrics(window=window)
     batched.update_many(p, y)
     assert batched.summary() == pytest.approx(s)
+
+
+def test_calibration_by_slice():
+    rng = np.random.default_rng(15)
+    n = 20_000
+    pos = rng.integers(0, 3, n)
+    y = (rng.random(n) < 0.05).astype(float)
+    p = np.where(pos == 0, 0.025, 0.05)  # position 0 under-predicted twice over
+    keys = {"position": np.where(np.arange(n) % 100 == 0, -1, pos)}  # some keys missing
+    m = ProgressiveMetrics(window=1000, slices={"position": 4, "hour": 24})
+    m.update_many(p[:5000], y[:5000], {k: v[:5000] for k, v in keys.items()})
+    m.update_many(p[5000:], y[5000:], {k: v[5000:] for k, v in keys.items()})
+    by = m.summary()["calibration_by"]
+    ok = keys["position"] >= 0
+    for k in range(3):
+        sl = ok & (pos == k)
+        assert by["position"][k] == pytest.approx(p[sl].sum() / y[sl].sum())
+    assert 0.4 < by["position"][0] < 0.6 and 0.9 < by["position"][1] < 1.1
+    assert np.isnan(by["position"][3])  # never seen: no ratio
+    assert all(np.isnan(by["hour"]))  # no keys given for it
+    assert "calibration_by" not in ProgressiveMetrics(window=10).summary()
