@@ -128,17 +128,22 @@ class EntityCounters:
 
     def count(self, imp) -> list[tuple[str, str]]:
         """Count an impression for each of its entities; returns them (for `snapshot`)."""
-        ts, touched, entities, due = imp.ts, self._touched, self._entities, self._due
         ids = self.spec.entity_ids(imp)
-        for name, eid in ids:
+        self.count_ids(imp.ts, ids)
+        return ids
+
+    def count_ids(self, ts: int, ids) -> None:
+        """Count an impression at ``ts`` for the entities ``ids`` ((entity, id))."""
+        touched, entities, due = self._touched, self._entities, self._due
+        for key in ids:
+            name, eid = key
             ents = entities[name]
             e = ents.get(eid)
             if e is None:
                 ents[eid] = [0, ts, array("q", (ts,)), array("q"), None, ts + due]
             else:
                 self._add(e, ts, IMPS)
-            touched.add((name, eid))
-        return ids
+            touched.add(key)
 
     def snapshot(self, imp, ids: list[tuple[str, str]] | None = None
                  ) -> dict[str, dict[str, int]]:
@@ -157,16 +162,21 @@ class EntityCounters:
 
     def clicked(self, imp, click_ts: int) -> None:
         """Count a click on ``imp`` at event time ``click_ts`` for all of its entities."""
-        touched, entities = self._touched, self._entities
-        for name, eid in self.spec.entity_ids(imp):
+        self.click_ids(click_ts, self.spec.entity_ids(imp))
+
+    def click_ids(self, click_ts: int, ids) -> None:
+        """Count a click at ``click_ts`` for the entities ``ids`` ((entity, id))."""
+        touched, entities, due = self._touched, self._entities, self._due
+        for key in ids:
+            name, eid = key
             ents = entities[name]
             e = ents.get(eid)
             if e is None:
                 ents[eid] = [0, click_ts, array("q"), array("q", (click_ts,)), None,
-                             click_ts + self._due]
+                             click_ts + due]
             else:
                 self._add(e, click_ts, CLKS)
-            touched.add((name, eid))
+            touched.add(key)
 
     def values(self, entity: str, id: str, as_of_ts: int) -> dict[str, int]:
         """The entity's values over ``[as_of_ts - w, as_of_ts)``; zeros for an unknown one."""

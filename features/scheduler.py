@@ -1,55 +1,152 @@
-"""When the counters count a signal and when an impression's point-in-time counts are read.
+"""When the counters count a signal and when an impression's point-in-time counts are read,
+and which counters shard owns an entity.
 
 The join partitions send their signals (``SEEN`` impression, ``CLICKED`` (impression,
 click_ts)) and, after each batch, a ``WATERMARK`` (partition, ts): that partition has joined
-everything before ts (``DONE`` once it reached the end of its input). The signals of the
-partitions interleave in arrival order, which can run far from event time (a partition catching
-up reads impressions ahead of the clicks before them), so they wait here and are let through in
-event-time order as the lowest partition's watermark passes them.
+everything before ts (``DONE`` once it reached the end of its input). A `ShardRouter` in each
+partition splits them by entity: an entity belongs to one of ``shards`` shards (a stable hash
+of its name and id, the same in every process and run), each shard gets only the signals of
+its entities, and every shard gets every watermark. The signals of the partitions interleave
+in arrival order, which can run far from event time (a partition catching up reads
+impressions ahead of the clicks before them), so in each shard a `PointInTimeScheduler` holds
+them and lets them through in event-time order as the lowest partition's watermark passes
+them. Each shard then emits its part of an impression's snapshot; the impression's counts are
+the union of the parts of the shards that own its entities.
 """
 
 from __future__ import annotations
 
 import heapq
+import zlib
+from itertools import chain
 
 import orjson
 
 from features.counters import EntityCounters
 from features.spec import FeatureSpec
-from joiner.join import SEEN
+from joiner.join import CLICKED, SEEN
 
 WATERMARK = "watermark"  # (partition, ts): that partition has joined everything before ts
 DONE = 2**62  # the watermark of a partition that has reached the end of its input
 
 # [(entity, id, {feature: count}, as of ts)] for the feature store
 Rows = list[tuple[str, str, dict[str, int], int]]
+# (impression id, parts expected, JSON of {entity: {feature: count}}): one shard's part
+Part = tuple[str, int, bytes]
+
+
+def shard_of(entity: str, id: str, shards: int) -> int:
+    """The shard owning an entity: a hash that does not change between processes and runs
+    (Python's own ``hash`` of a str does).
+
+    >>> shard_of("user", "u1", 16), shard_of("user", "u1", 16), shard_of("item", "u1", 16)
+    (14, 14, 5)
+    """
+    return zlib.crc32(f"{entity}\x00{id}".encode("utf-8", "surrogatepass")) % shards
+
+
+class ShardRouter:
+    """Splits one join partition's signals by shard, for the shards' schedulers.
+
+    ``route`` returns, for each shard with something to do, ``(shard, signals)``: for an
+    impression ``(SEEN, (ts, impression id, its entities in this shard, parts))``, ``parts``
+    being how many shards own its entities (an impression with no entity is sent, with none,
+    to the shard of its id: every impression gets at least one part); for a click
+    ``(CLICKED, (click_ts, its entities in this shard))``; a watermark goes to every shard,
+    and only when it moved.
+
+    >>> from joiner.events import Impression
+    >>> spec = FeatureSpec(entities={"user": ("user_id",), "item": ("item_id",)},
+    ...                    windows_ms=(60_000,))
+    >>> r = ShardRouter(spec, shards=16)
+    >>> imp = Impression("a", 1_000, "u1", "x", {})
+    >>> r.route([(SEEN, imp), (CLICKED, (imp, 2_000)), (WATERMARK, (0, 500))])[:2]
+    [(0, [('watermark', (0, 500))]), (1, [('watermark', (0, 500))])]
+    >>> for shard, signals in r.route([(SEEN, imp), (WATERMARK, (0, 500))]):
+    ...     print(shard, signals)
+    2 [('seen', (1000, 'a', [('item', 'x')], 2))]
+    14 [('seen', (1000, 'a', [('user', 'u1')], 2))]
+    """
+
+    def __init__(self, spec: FeatureSpec, shards: int) -> None:
+        if shards < 1:
+            raise ValueError(f"shards must be >= 1, got {shards}")
+        self.spec, self.shards = spec, shards
+        self.sent: dict[int, int] = {}  # partition -> the watermark last sent to every shard
+
+    def split(self, ids: list[tuple[str, str]]) -> dict[int, list[tuple[str, str]]]:
+        """The entities ``ids`` by the shard owning each."""
+        out: dict[int, list] = {}
+        n = self.shards
+        for key in ids:
+            k = shard_of(key[0], key[1], n) if n > 1 else 0
+            part = out.get(k)
+            if part is None:
+                out[k] = [key]
+            else:
+                part.append(key)
+        return out
+
+    def route(self, signals: list) -> list[tuple[int, list]]:
+        by_shard: dict[int, list] = {}
+        entity_ids = self.spec.entity_ids
+        for kind, value in signals:
+            if kind == SEEN:
+                split = self.split(entity_ids(value))
+                if not split:
+                    split = {shard_of("", value.impression_id, self.shards): []}
+                n, ts, iid = len(split), value.ts, value.impression_id
+                for k, ids in split.items():
+                    by_shard.setdefault(k, []).append((SEEN, (ts, iid, ids, n)))
+            elif kind == CLICKED:
+                imp, click_ts = value
+                for k, ids in self.split(entity_ids(imp)).items():
+                    by_shard.setdefault(k, []).append((CLICKED, (click_ts, ids)))
+            else:
+                part, wm = value
+                if self.sent.get(part) != wm:
+                    self.sent[part] = wm
+                    for k in range(self.shards):
+                        by_shard.setdefault(k, []).append((kind, value))
+        return sorted(by_shard.items())
+
+
+def merge_parts(parts: list[tuple[int, bytes]]) -> bytes:
+    """One impression's counts from its shards' parts ((shard, JSON)): the entities of each,
+    in the order of the shards, so a replay gives the same bytes.
+
+    >>> merge_parts([(3, b'{"item":{"imp_1m":2}}'), (1, b'{"user":{"imp_1m":0}}'), (2, b"{}")])
+    b'{"user":{"imp_1m":0},"item":{"imp_1m":2}}'
+    """
+    bodies = [json[1:-1] for _, json in sorted(parts) if len(json) > 2]
+    return b"{" + b",".join(bodies) + b"}"
 
 
 class PointInTimeScheduler:
-    """Counts signals in event-time order and takes each impression's snapshot once nothing
-    before it can still arrive.
+    """Counts one shard's signals in event-time order and takes each impression's part of the
+    snapshot once nothing before it can still arrive.
 
-    Signals wait in a heap and are counted up to ``allowed_lateness_ms - pit_delay_ms`` past
-    the lowest partition's watermark, and the changed entities become rows for the store: in
-    steady state that is as soon as they arrive, which keeps the store fresh. An impression's
-    snapshot waits until the watermark is ``pit_delay_ms`` past it: everything before its ts
-    has been counted by then, even an impression that arrived that much out of order, and the
-    query as of ts leaves out what came after (exactly, since nothing more than the lateness
-    after it has been counted).
+    Signals (as a `ShardRouter` sends them) wait in a heap and are counted up to
+    ``allowed_lateness_ms - pit_delay_ms`` past the lowest partition's watermark, and the
+    changed entities become rows for the store: in steady state that is as soon as they
+    arrive, which keeps the store fresh. An impression's snapshot waits until the watermark is
+    ``pit_delay_ms`` past it: everything before its ts has been counted by then, even an
+    impression that arrived that much out of order, and the query as of ts leaves out what came
+    after (exactly, since nothing more than the lateness after it has been counted).
 
     >>> from joiner.events import Impression
-    >>> from joiner.join import CLICKED
     >>> spec = FeatureSpec(entities={"user": ("user_id",)}, windows_ms=(60_000,))
     >>> s = PointInTimeScheduler(spec, partitions=1, allowed_lateness_ms=2_000,
     ...                          pit_delay_ms=1_000)
     >>> a, b = (Impression(i, ts, "u1", "x", {}) for i, ts in (("a", 1_000), ("b", 3_000)))
-    >>> pits, rows = s.push([(SEEN, b), (CLICKED, (a, 2_000)), (SEEN, a), (WATERMARK, (0, 2_000))])
-    >>> pits  # a's: the watermark is pit_delay_ms past it (b arrived first, but is later)
-    [('a', b'{"user":{"imp_1m":0,"clk_1m":0}}')]
-    >>> rows  # counted up to lateness - delay past the watermark: all three, rows as of 3 s
+    >>> [(_, signals)] = ShardRouter(spec, 1).route(
+    ...     [(SEEN, b), (CLICKED, (a, 2_000)), (SEEN, a), (WATERMARK, (0, 2_000))])
+    >>> s.push(signals)  # a's part (of 1): the watermark is pit_delay_ms past it
+    [('a', 1, b'{"user":{"imp_1m":0,"clk_1m":0}}')]
+    >>> s.rows()  # counted up to lateness - delay past the watermark: all three, as of 3 s
     [('user', 'u1', {'imp_1m': 1, 'clk_1m': 1}, 3000)]
-    >>> s.push([(WATERMARK, (0, DONE))])[0]  # the end: every snapshot; b's leaves b out
-    [('b', b'{"user":{"imp_1m":1,"clk_1m":1}}')]
+    >>> s.push([(WATERMARK, (0, DONE))])  # the end: every snapshot; b's leaves b out
+    [('b', 1, b'{"user":{"imp_1m":1,"clk_1m":1}}')]
     """
 
     def __init__(self, spec: FeatureSpec, partitions: int, allowed_lateness_ms: int,
@@ -62,56 +159,74 @@ class PointInTimeScheduler:
         self.lead_ms = allowed_lateness_ms - pit_delay_ms
         self.watermarks: dict[int, int] = {}
         self.waiting: list[tuple] = []  # heap of (ts, seq, kind, value), not yet counted
-        # heap of (ts, seq, impression id, its entities): counted, no snapshot yet. At a real
-        # time rate it holds pit_delay_ms of impressions (180k at 2,000/s), so it is kept
-        # small and its state is JSON: a pickle of 180k entries holding the impressions
+        # heap of (ts, seq, impression id, its entities, parts): counted, no snapshot yet. At
+        # a real time rate it holds pit_delay_ms of impressions (180k at 2,000/s), so it is
+        # kept small and its state is JSON: a pickle of 180k entries holding the impressions
         # took 1,942 ms an epoch, JSON of the ids 92 ms (bench/features_core.py [4]).
         self.snapshots: list[tuple] = []
         self.seq = 0
         self.newest = 0  # the newest event time counted: rows are as of it
+        self.changed: set[tuple[str, str]] = set()  # entities whose row is not written yet
         if resume is not None:
             self.counters.restore(resume["counters"])
             for name in ("watermarks", "waiting", "seq", "newest"):
                 setattr(self, name, resume[name])
             self.snapshots = [tuple(s) for s in orjson.loads(resume["snapshots"])]
+            self.changed = set(map(tuple, resume.get("changed", ())))
 
-    def push(self, signals: list) -> tuple[list[tuple[str, bytes]], Rows]:
-        """Take a batch of ``(kind, value)`` signals; returns the snapshots now due, in
-        event-time order, as ``(impression_id, JSON of {entity: {feature: count}})``, and the
-        rows of the entities changed (or gone stale) since the last call."""
+    def push(self, *batches: list) -> list[Part]:
+        """Take batches of ``(kind, value)`` signals (see `ShardRouter`); returns this shard's
+        parts of the snapshots now due, in event-time order. The entities changed (or gone
+        stale) pile up for `rows`."""
         waiting, snapshots, c = self.waiting, self.snapshots, self.counters
-        for kind, value in signals:
+        seq, watermarks = self.seq, self.watermarks
+        for kind, value in chain.from_iterable(batches):
             if kind == WATERMARK:
                 part, wm = value
-                self.watermarks[part] = max(wm, self.watermarks.get(part, wm))
+                if wm > watermarks.get(part, wm - 1):
+                    watermarks[part] = wm
                 continue
-            ts = value.ts if kind == SEEN else value[1]
-            heapq.heappush(waiting, (ts, self.seq, kind, value))
-            self.seq += 1
-        if len(self.watermarks) < self.partitions:
-            return [], []
-        low = min(self.watermarks.values())
+            heapq.heappush(waiting, (value[0], seq, kind, value))
+            seq += 1
+        self.seq = seq
+        if len(watermarks) < self.partitions:
+            return []
+        low = min(watermarks.values())
         limit, out = low + self.lead_ms, []
         low -= self.pit_delay_ms  # the snapshots' watermark
+        newest = self.newest
         while True:
             next_ts = waiting[0][0] if waiting and waiting[0][0] <= limit else None
             while snapshots and snapshots[0][0] <= low and (
                     next_ts is None or snapshots[0][0] <= next_ts):
-                ts, _, impression_id, ids = heapq.heappop(snapshots)
+                ts, _, impression_id, ids, n = heapq.heappop(snapshots)
                 # as JSON bytes: bytewax deep-copies keyed state, and bytes copy for free
-                out.append((impression_id, orjson.dumps(c.snapshot_at(ts, ids))))
+                out.append((impression_id, n, orjson.dumps(c.snapshot_at(ts, ids))))
             if next_ts is None:
                 break
             ts, seq, kind, value = heapq.heappop(waiting)
             if kind == SEEN:
-                heapq.heappush(snapshots, (ts, seq, value.impression_id, c.count(value)))
+                _, impression_id, ids, n = value
+                c.count_ids(ts, ids)
+                heapq.heappush(snapshots, (ts, seq, impression_id, ids, n))
             else:
-                c.clicked(*value)
-            self.newest = max(self.newest, ts)
-        return out, self._rows(c.touched().union(c.stale(self.newest)))
+                c.click_ids(ts, value[1])
+            if ts > newest:
+                newest = ts
+        self.newest = newest
+        self.changed |= c.touched()
+        return out
+
+    def rows(self) -> Rows:
+        """The rows of the entities changed (or gone stale) since the last call, as of the
+        newest event counted: built once per write, however many batches changed them."""
+        c = self.counters
+        keys, self.changed = self.changed.union(c.stale(self.newest)), set()
+        return self._rows(keys)
 
     def all_rows(self) -> Rows:
         """Every entity's row, for a store that lost what was written."""
+        self.changed = set()
         return self._rows(self.counters.keys())
 
     def _rows(self, keys) -> Rows:
@@ -122,4 +237,4 @@ class PointInTimeScheduler:
         """A picklable copy to pass back as ``resume``."""
         return {"counters": self.counters.state(), "watermarks": self.watermarks,
                 "waiting": self.waiting, "snapshots": orjson.dumps(self.snapshots),
-                "seq": self.seq, "newest": self.newest}
+                "seq": self.seq, "newest": self.newest, "changed": list(self.changed)}

@@ -123,6 +123,10 @@ class FeaturesConfig:
     # this much is still in its neighbours' snapshots. Must be below allowed_lateness_ms: the
     # rest is how far ahead of the watermark events are counted (and reach Redis) at once.
     pit_delay_ms: int = 90_000
+    # The counters are split by entity into this many shards, each a bytewax key, so they
+    # spread over the flow's workers: a few times the usual worker count. An entity's shard
+    # is a hash of its id; changing this (like the spec) needs a fresh recovery store.
+    shards: int = 16
     # Redis feature store (features/store.py): keys are store_prefix:{entity:id}.
     store_prefix: str = "f"
     # Idle entities expire; longer than the longest window, whose counts are 0 by then anyway.
@@ -394,4 +398,6 @@ def load_config(path: str | os.PathLike | None = None,
     if f.pit_delay_ms > f.allowed_lateness_ms:  # the scheduler counts lateness - delay ahead
         raise ConfigError(f"features.pit_delay_ms: must not exceed features.allowed_lateness_ms "
                           f"({f.allowed_lateness_ms}), got {f.pit_delay_ms}")
+    if f.shards < 1:
+        raise ConfigError(f"features.shards: must be at least 1, got {f.shards}")
     return cfg

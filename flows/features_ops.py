@@ -1,17 +1,21 @@
-"""bytewax glue for the real-time count features: the counters step, attaching the
-point-in-time counts to each example, and the Redis sink. The logic lives in features/."""
+"""bytewax glue for the real-time count features: the counters step, one key per shard of the
+entities, which also writes their rows to Redis; and attaching the point-in-time counts to each
+example. The logic lives in features/."""
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import time
+from pathlib import Path
 
 import redis
 from bytewax.operators import StatefulBatchLogic
-from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
-from features.scheduler import PointInTimeScheduler
+from features.scheduler import Part, PointInTimeScheduler, merge_parts
 from features.spec import FeatureSpec
+from features.store import BufferedWriter
 from flows import metrics
 from flows.build import feature_store, feature_writer, redis_client
 from flows.config import Config
@@ -19,119 +23,209 @@ from joiner.join import EXAMPLE
 
 log = logging.getLogger(__name__)
 
-REDIS_CHECK_S = 5.0  # how often the counters check that Redis still holds what they wrote
-PIT = "pit"  # (impression_id, JSON of {entity: {feature: count}}) as of the impression's ts
-ROWS = "rows"  # [(entity, id, values, ts)] changed since the last batch, for Redis
+# The shards' bytewax keys are chosen so that shard k lands on worker k % W for every worker
+# count W dividing this (1 to 6 workers, 10, 12, 15, ...): plain keys "0".."15" hash to
+# wherever they do, and "0".."3" all land on the same one of two workers.
+BALANCED_FOR = 60
+REDIS_CHECK_S = 5.0  # how often a shard checks that Redis still holds what it wrote
+PIT = "pit"  # (shard, parts, JSON of {entity: {feature: count}}): a shard's part of the counts
+
+
+@functools.cache
+def shard_keys(shards: int) -> list[str]:
+    """The bytewax key of each shard: ``"k"`` or ``"k.j"``, the first whose worker is k % W.
+
+    bytewax 0.21 sends a key to worker ``hash % W`` (in its sorted list of workers), the
+    hash being Rust's ``DefaultHasher`` (SipHash-1-3, zero keys) of the string
+    (src/operators.rs, stateful_batch; src/timely.rs, partition).
+
+    >>> shard_keys(4)
+    ['0.76', '1.55', '2.31', '3.59']
+    >>> [_worker_hash(k) % 2 for k in shard_keys(4)], [_worker_hash(k) % 3 for k in shard_keys(4)]
+    ([0, 1, 0, 1], [0, 1, 2, 0])
+    """
+    keys = []
+    for k in range(shards):
+        key, j = str(k), 0
+        while _worker_hash(key) % BALANCED_FOR != k % BALANCED_FOR:
+            key, j = f"{k}.{j}", j + 1
+        keys.append(key)
+    return keys
+
+
+_M = (1 << 64) - 1
+
+
+def _worker_hash(key: str) -> int:
+    """Rust's ``DefaultHasher`` of a ``String``: SipHash-1-3 with zero keys over its UTF-8
+    bytes and a 0xff."""
+    data = key.encode() + b"\xff"
+
+    def rounds(n, v0, v1, v2, v3):
+        for _ in range(n):
+            v0 = (v0 + v1) & _M
+            v1 = ((v1 << 13 | v1 >> 51) & _M) ^ v0
+            v0 = (v0 << 32 | v0 >> 32) & _M
+            v2 = (v2 + v3) & _M
+            v3 = ((v3 << 16 | v3 >> 48) & _M) ^ v2
+            v0 = (v0 + v3) & _M
+            v3 = ((v3 << 21 | v3 >> 43) & _M) ^ v0
+            v2 = (v2 + v1) & _M
+            v1 = ((v1 << 17 | v1 >> 47) & _M) ^ v2
+            v2 = (v2 << 32 | v2 >> 32) & _M
+        return v0, v1, v2, v3
+
+    v = [0x736F6D6570736575, 0x646F72616E646F6D, 0x6C7967656E657261, 0x7465646279746573]
+    n, end = len(data), len(data) - len(data) % 8
+    blocks = [int.from_bytes(data[i:i + 8], "little") for i in range(0, end, 8)]
+    blocks.append((n & 0xFF) << 56 | int.from_bytes(data[end:], "little"))
+    for m in blocks:
+        v[3] ^= m
+        v = list(rounds(1, *v))
+        v[0] ^= m
+    v[2] ^= 0xFF
+    v = rounds(3, *v)
+    return v[0] ^ v[1] ^ v[2] ^ v[3]
+
+
+class ProcessCounters:
+    """What the counter shards of one flow process share: one Redis writer (rows of every
+    shard coalesced into the same flushes), the entity count per shard for the metrics, and
+    the signals counted here (``counters-<pid>.json`` in the join's data dir, for
+    bench/pipeline.py). Made by the flow's build in each process; its writer on first use."""
+
+    def __init__(self, cfg: Config, spec: FeatureSpec) -> None:
+        self.cfg, self.spec = cfg, spec
+        self._writer: BufferedWriter | None = None
+        self.entities: dict[int, int] = {}
+        self.signals = 0
+        self.stats_path = Path(cfg.data_dir) / "join" / f"counters-{os.getpid()}.json"
+
+    @property
+    def writer(self) -> BufferedWriter:
+        if self._writer is None:
+            store = feature_store(self.cfg, self.spec.feature_names())
+            write_many = store.write_many
+
+            def counted_write_many(*args, **kwargs):
+                # The writer retries failed writes inside its flush: count each failed
+                # attempt here, where it happens.
+                try:
+                    return write_many(*args, **kwargs)
+                except redis.RedisError:
+                    metrics.redis_error("join")
+                    raise
+
+            store.write_many = counted_write_many
+            self._writer = feature_writer(self.cfg, store)
+        return self._writer
+
+    def report(self) -> None:
+        metrics.features_report(entities=sum(self.entities.values()),
+                                writes=self.writer.written)
+        metrics.write_json(self.stats_path, {"signals": self.signals,
+                                             "shards": sorted(self.entities)})
 
 
 class CountersLogic(StatefulBatchLogic):
-    """All entities' counters under one key: a `PointInTimeScheduler` (features/scheduler.py),
-    plus the check that Redis still holds what was written."""
+    """One shard of the counters: a `PointInTimeScheduler` (features/scheduler.py) over the
+    entities of the shard, writing their rows through the process's writer, plus the check
+    that Redis still holds what was written. Values are ``(shard, signals)``."""
 
-    def __init__(self, cfg: Config, spec: FeatureSpec, partitions: int, resume) -> None:
+    def __init__(self, cfg: Config, spec: FeatureSpec, partitions: int, shared: ProcessCounters,
+                 resume) -> None:
         f = cfg.features
+        if resume is not None and resume["shards"] != f.shards:
+            raise ValueError(f"the recovery store holds counters split in {resume['shards']} "
+                             f"shards, the config asks for {f.shards}: start from a new "
+                             "recovery store (and an empty feature store prefix)")
         self.scheduler = PointInTimeScheduler(spec, partitions, f.allowed_lateness_ms,
-                                              f.pit_delay_ms, resume)
+                                              f.pit_delay_ms, None if resume is None else
+                                              resume["scheduler"])
+        self.shards, self.shared = f.shards, shared
         self.redis = redis_client(cfg)
-        self.marker = f"{f.store_prefix}:counters-alive"
+        self.shard: int | None = None if resume is None else resume["shard"]
         self.marker_set = False  # set once: its absence later means Redis lost our writes
         self.next_check = 0.0
+        self.flush_interval_s = f.store_flush_interval_s
+        self.next_rows = 0.0
         if resume is not None:
             self.marker_set = resume["marker_set"]
 
     def on_batch(self, values: list) -> tuple[list, bool]:
-        s = self.scheduler
-        pits, rows = s.push(values)
-        out = [(PIT, pit) for pit in pits]
-        if self._redis_lost(time.monotonic()):
+        s, shared = self.scheduler, self.shared
+        self.shard = values[0][0]  # the same in every value: the router's shard index
+        batches = [signals for _, signals in values]
+        parts = s.push(*batches)
+        shared.signals += sum(map(len, batches))
+        now = time.monotonic()
+        if self._redis_lost(now):
             rows = s.all_rows()
             log.warning("feature store: Redis lost what was written (restarted empty?): "
-                        "writing all %d entities again", len(rows))
-        if rows:
-            out.append((ROWS, rows))
-        metrics.features_report(entities=len(s.counters))
-        return out, StatefulBatchLogic.RETAIN
+                        "writing all %d entities of shard %d again", len(rows), self.shard)
+            self._put(rows)
+        if now >= self.next_rows:  # rows built at most once a flush interval
+            self._put(s.rows())
+            self.next_rows = now + self.flush_interval_s
+            shared.writer.maybe_flush(now)
+        shared.entities[self.shard] = len(s.counters)
+        return ([(self.shard, parts)] if parts else []), StatefulBatchLogic.RETAIN
+
+    def _put(self, rows) -> None:
+        put = self.shared.writer.put
+        for entity, id, values, ts in rows:
+            put(entity, id, values, ts)
 
     def _redis_lost(self, now: float) -> bool:
-        """Every REDIS_CHECK_S: is the marker this step set in Redis gone?"""
+        """Every REDIS_CHECK_S: is the marker this shard set in Redis gone?"""
         if now < self.next_check:
             return False
         self.next_check = now + REDIS_CHECK_S
         try:
-            missing = self.redis.set(self.marker, 1, nx=True)
+            missing = self.redis.set(f"{self.shared.cfg.features.store_prefix}:counters-alive:"
+                                     f"{self.shard}", 1, nx=True)
         except redis.RedisError:
             metrics.redis_error("join")
             return False  # an outage: the store's writer waits it out
         lost, self.marker_set = bool(missing) and self.marker_set, True
         return lost
 
+    def _write(self) -> None:
+        # End of an epoch (or of the input): once it is committed, recovery will not replay
+        # what fed these rows, so they must be in Redis before it is.
+        self._put(self.scheduler.rows())
+        self.shared.writer.flush()
+        self.shared.report()
+
+    def on_eof(self) -> tuple[list, bool]:
+        self._write()
+        return [], StatefulBatchLogic.RETAIN
+
     def snapshot(self) -> dict:
-        return {**self.scheduler.state(), "marker_set": self.marker_set}
+        self._write()
+        return {"scheduler": self.scheduler.state(), "marker_set": self.marker_set,
+                "shard": self.shard, "shards": self.shards}
+
+
+def parts(kv: tuple[str, tuple[int, list[Part]]]) -> list[tuple[str, tuple]]:
+    """A shard's parts, each keyed by its impression id for `attach`."""
+    k, out = kv[1]
+    return [(iid, (PIT, (k, n, counts))) for iid, n, counts in out]
 
 
 def attach(state: dict | None, value: tuple) -> tuple[dict | None, list]:
-    """Joins an example with its point-in-time counts, whichever arrives first."""
-    state = state or {}
+    """Joins an example with the parts of its point-in-time counts, in whatever order they
+    arrive: once the example and all the parts its impression's shards announced are in."""
+    state = state or {"parts": []}
     kind, payload = value
-    state[kind] = payload
-    if PIT in state and EXAMPLE in state:
+    if kind == PIT:
+        state["parts"].append(payload)
+    else:
+        state[EXAMPLE] = payload
+    got = state["parts"]
+    if EXAMPLE in state and got and len(got) == got[0][1]:
+        counts = merge_parts([(k, c) for k, _, c in got])
         example = state[EXAMPLE]
         # example bytes are a compact JSON object: splice the counts in before its '}'
-        return None, [example[:-1] + b',"counts":' + state[PIT] + b"}"]
+        return None, [example[:-1] + b',"counts":' + counts + b"}"]
     return state, []
-
-
-def signal_key(value: tuple) -> str:
-    return "counters"  # one key: the counters need every entity's events (see the README)
-
-
-class _StorePartition(StatefulSinkPartition):
-    def __init__(self, cfg: Config, spec: FeatureSpec) -> None:
-        store = feature_store(cfg, spec.feature_names())
-        self.writer = feature_writer(cfg, store)
-        write_many = store.write_many
-
-        def counted_write_many(*args, **kwargs):
-            # The writer retries failed writes inside its flush: count each failed attempt
-            # here, where it happens.
-            try:
-                return write_many(*args, **kwargs)
-            except redis.RedisError:
-                metrics.redis_error("join")
-                raise
-
-        store.write_many = counted_write_many
-
-    def write_batch(self, items: list) -> None:
-        for rows in items:
-            for entity, id, values, ts in rows:
-                self.writer.put(entity, id, values, ts)
-        self.writer.maybe_flush(time.monotonic())
-        metrics.features_report(writes=self.writer.written)
-
-    def snapshot(self) -> None:
-        # End of an epoch: once it is committed, recovery will not replay what fed these
-        # rows, so they must be in Redis before it is.
-        self.writer.flush()
-        metrics.features_report(writes=self.writer.written)
-
-    def close(self) -> None:
-        self.writer.flush()
-        metrics.features_report(writes=self.writer.written)
-
-
-class FeatureStoreSink(FixedPartitionedSink):
-    """Writes changed entities to Redis, coalesced, within store_flush_interval_s and at
-    every epoch's end. Items are ``(key, rows)``; one partition."""
-
-    def __init__(self, cfg: Config, spec: FeatureSpec) -> None:
-        self.cfg, self.spec = cfg, spec
-
-    def list_parts(self) -> list[str]:
-        return ["redis"]
-
-    def part_fn(self, item_key: str) -> int:
-        return 0
-
-    def build_part(self, step_id: str, for_part: str, resume_state) -> _StorePartition:
-        return _StorePartition(self.cfg, self.spec)

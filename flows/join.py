@@ -21,7 +21,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from features.scheduler import DONE, WATERMARK
+from features.scheduler import DONE, WATERMARK, ShardRouter
 from flows import features_ops as fo
 from flows import metrics
 from flows.build import feature_spec, wait_window_joiner
@@ -52,6 +52,9 @@ class _JoinPartition(StatefulSourcePartition):
         self.cfg, self.part, self.until_eof = cfg, part, until_eof
         self.topics = {cfg.kafka.impressions_topic: IMPRESSIONS, cfg.kafka.clicks_topic: CLICKS}
         self.joiner = wait_window_joiner(cfg, f"p{part}", signals=cfg.features.enabled)
+        self.router = (ShardRouter(feature_spec(cfg), cfg.features.shards)
+                       if cfg.features.enabled else None)
+        self.shard_keys = fo.shard_keys(cfg.features.shards)
         self.consumer = Consumer(cfg.kafka_client(**{
             "group.id": f"ctrstream-join-{part}", **LOW_LATENCY_CONSUMER}))
         self.awake: datetime | None = None
@@ -135,13 +138,18 @@ class _JoinPartition(StatefulSourcePartition):
         if self.until_eof and len(self.eof) == 2:
             j.flush(out)
             self.done = True
+        records = errors
         if j.signals:
             # Everything before the watermark has been joined here: the counters may apply
             # this partition's signals up to it (all of them once it is done).
-            out.append((WATERMARK, None, DONE if self.done else j.watermark))
+            signals = [(kind, value) for kind, _, value in out if kind in (SEEN, CLICKED)]
+            signals.append((WATERMARK, (self.part, DONE if self.done else j.watermark)))
+            keys = self.shard_keys
+            records += [(SIGNAL, (keys[k], (k, sig))) for k, sig in self.router.route(signals)]
+            out = [r for r in out if r[0] not in (SEEN, CLICKED)]
         if self.done or now - self.last_log >= cfg.join.log_interval_s:
             self._report(now)
-        return errors + [self._record(r) for r in out]
+        return records + [self._record(r) for r in out]
 
     def next_awake(self) -> datetime | None:
         return self.awake
@@ -157,7 +165,7 @@ class _JoinPartition(StatefulSourcePartition):
 
     def _record(self, r: tuple) -> tuple:
         """Tags the joiner's output for the flow: OUT (topic, key, value) goes to Kafka as
-        it is; EXAMPLE (id, bytes) may get counts attached first; SIGNAL feeds the counters."""
+        it is; EXAMPLE (id, bytes) may get counts attached first."""
         kind, key, value = r
         if kind == DEAD_LETTER:
             topic = (self.cfg.kafka.impressions_topic if value["stream"] == IMPRESSIONS
@@ -166,10 +174,6 @@ class _JoinPartition(StatefulSourcePartition):
                                     value["reason"], value["raw"])
         if kind == EXAMPLE:
             return EXAMPLE, (key, value)
-        if kind in (SEEN, CLICKED):
-            return SIGNAL, (kind, value)
-        if kind == WATERMARK:
-            return SIGNAL, (kind, (self.part, value))
         return OUT, (self.cfg.kafka.examples_topic, key, value)
 
     def _report(self, now: float) -> None:
@@ -229,16 +233,14 @@ def build(cfg: Config | str | None = None, until_eof: bool = False) -> Dataflow:
     examples = op.filter_map("examples", records, lambda r: r[1] if r[0] == EXAMPLE else None)
     if cfg.features.enabled:
         spec = feature_spec(cfg)
+        shared = fo.ProcessCounters(cfg, spec)  # one per process: this runs in each
+        # (shard, (shard, signals)): each shard's counters are a key of their own
         signals = op.filter_map("signals", records, lambda r: r[1] if r[0] == SIGNAL else None)
         counted = op.stateful_batch(
-            "counters", op.key_on("one_key", signals, fo.signal_key),
-            lambda resume: fo.CountersLogic(cfg, spec, input_partitions(cfg), resume))
-        pit = op.filter_map("pit", counted, lambda kv: kv[1][1] if kv[1][0] == fo.PIT else None)
-        rows = op.filter_map("rows", counted,
-                             lambda kv: (kv[0], kv[1][1]) if kv[1][0] == fo.ROWS else None)
-        op.output("redis", rows, fo.FeatureStoreSink(cfg, spec))
-        tagged = op.merge("pit_and_examples",
-                          op.map("tag_pit", pit, lambda kv: (kv[0], (fo.PIT, kv[1]))),
+            "counters", signals,
+            lambda resume: fo.CountersLogic(cfg, spec, input_partitions(cfg), shared, resume))
+        parts = op.flat_map("parts", counted, fo.parts)
+        tagged = op.merge("parts_and_examples", parts,
                           op.map("tag_example", examples, lambda kv: (kv[0], (EXAMPLE, kv[1]))))
         examples = op.stateful_flat_map("attach_counts", tagged, fo.attach)
     topic = cfg.kafka.examples_topic

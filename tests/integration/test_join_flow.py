@@ -63,8 +63,9 @@ def check_against_truth(cfg, examples: list, truth) -> dict:
     return labels
 
 
-def test_join_flow_labels_and_counters_match_ground_truth(fresh_topics, tmp_path):
-    cfg = join_config(fresh_topics, tmp_path)
+@pytest.mark.parametrize("shards", [1, 4, 16])
+def test_join_flow_labels_and_counters_match_ground_truth(fresh_topics, tmp_path, shards):
+    cfg = join_config(fresh_topics, tmp_path).replace(features={"shards": shards})
     spec = StreamSpec(seed=11, impressions=20_000, faults=Faults.preset(20_000, 0.03))
     manifest = produce(cfg, spec, truth_dir=tmp_path / "truth")
     run_flow(cfg, "join", until_eof=True, recovery=False)
@@ -139,6 +140,9 @@ def check_counts_against_recount(cfg, examples: list, truth) -> None:
         ex = orjson.loads(m.value())
         if ex["kind"] != "example":
             continue
+        # every entity's part, from whichever shard owns it, and nothing twice
+        assert sorted(ex["counts"]) == sorted(cfg.features.entities), ex["counts"].keys()
+        assert m.value().count(b'"imp_5m"') == len(cfg.features.entities)
         for entity, id_field in (("user", "user_id"), ("item", "item_id")):
             for w in cfg.features.windows_ms:
                 for kind in ("imp", "clk"):
@@ -185,8 +189,9 @@ def run_to_end(proc: subprocess.Popen, timeout_s: float) -> str:
     return log
 
 
-def test_sigkill_mid_stream_then_resume_loses_nothing(fresh_topics, tmp_path):
-    cfg = join_config(fresh_topics, tmp_path)
+@pytest.mark.parametrize("shards", [1, 16])
+def test_sigkill_mid_stream_then_resume_loses_nothing(fresh_topics, tmp_path, shards):
+    cfg = join_config(fresh_topics, tmp_path).replace(features={"shards": shards})
     cfg_path = tmp_path / "ctrstream.toml"
     cfg_path.write_text(cfg.to_toml())
     spec = StreamSpec(seed=5, impressions=30_000, faults=Faults.preset(30_000, 0.03))

@@ -9,7 +9,13 @@ import random
 import orjson
 import pytest
 
-from features.scheduler import DONE, WATERMARK, PointInTimeScheduler
+from features.scheduler import (
+    DONE,
+    WATERMARK,
+    PointInTimeScheduler,
+    ShardRouter,
+    merge_parts,
+)
 from features.spec import FeatureSpec, window_label
 from joiner.events import Impression
 from joiner.join import CLICKED, SEEN
@@ -28,8 +34,13 @@ def scheduler(partitions=1, resume=None):
     return PointInTimeScheduler(SPEC, partitions, LATENESS, DELAY, resume)
 
 
+def push(s, batch):
+    """Feed one batch of join signals to a single-shard scheduler, as the router sends them."""
+    return s.push(*[signals for _, signals in ShardRouter(SPEC, 1).route(batch)])
+
+
 def counts(pits):
-    return {i: orjson.loads(j) for i, j in pits}
+    return {i: orjson.loads(j) for i, _, j in pits}
 
 
 def recount(events, im):
@@ -87,7 +98,7 @@ def partitioned_batches(seed, n=600, partitions=2, batch=7):
 def run(s, batches):
     pits = []
     for b in batches:
-        pits += s.push(b)[0]
+        pits += push(s, b)
     return pits
 
 
@@ -95,31 +106,32 @@ def test_snapshots_are_a_recount_strictly_before_whatever_the_arrival_order():
     events, batches = partitioned_batches(1)
     pits = run(scheduler(partitions=2), batches)
     imps = {e.impression_id: e for k, e, _ in events if k == SEEN}
-    assert sorted(i for i, _ in pits) == sorted(imps)  # each exactly once
+    assert sorted(i for i, _, _ in pits) == sorted(imps)  # each exactly once
     got = counts(pits)
     for iid, im in imps.items():
         assert got[iid] == recount(events, im), iid
-    ts = [imps[i].ts for i, _ in pits]
+    ts = [imps[i].ts for i, _, _ in pits]
     assert ts == sorted(ts)  # in event-time order
     assert sum(v["user"]["clk_1m"] for v in got.values()) > 50  # clicks were counted
 
 
 def test_the_lowest_partition_watermark_holds_snapshots_back():
     s = scheduler(partitions=2)
-    assert s.push([(SEEN, imp(100 * SEC)), (WATERMARK, (0, 200 * SEC))]) == ([], [])
+    assert push(s, [(SEEN, imp(100 * SEC)), (WATERMARK, (0, 200 * SEC))]) == []
     # partition 1 has not reported: nothing is counted or snapshotted yet
-    assert s.push([(WATERMARK, (1, 90 * SEC))]) == ([], [])
+    assert push(s, [(WATERMARK, (1, 90 * SEC))]) == [] and s.rows() == []
     # a watermark never goes back
-    assert s.push([(WATERMARK, (0, 0)), (WATERMARK, (1, 94 * SEC))])[1] != []  # counted
-    assert s.push([(WATERMARK, (1, 103_999))])[0] == []
-    assert [i for i, _ in s.push([(WATERMARK, (1, 104 * SEC))])[0]] == ["u1-100000"]
+    assert push(s, [(WATERMARK, (0, 0)), (WATERMARK, (1, 94 * SEC))]) == []
+    assert s.rows() != []  # counted
+    assert push(s, [(WATERMARK, (1, 103_999))]) == []
+    assert [i for i, _, _ in push(s, [(WATERMARK, (1, 104 * SEC))])] == ["u1-100000"]
 
 
 def test_counts_leave_out_the_impression_itself_and_anything_later():
     s = scheduler()
     t = 100 * SEC
     before, it = imp(t - 30 * SEC), imp(t)
-    pits, _ = s.push([
+    pits = push(s, [
         (SEEN, imp(t + SEC)),  # later, arrived first
         (CLICKED, (before, t + 500)),  # later click on an earlier impression
         (SEEN, imp(t, iid="same-ms")),  # at the same millisecond
@@ -133,16 +145,17 @@ def test_counts_leave_out_the_impression_itself_and_anything_later():
 def test_snapshot_waits_pit_delay_while_counting_runs_ahead():
     s = scheduler()
     t = 100 * SEC
-    s.push([(SEEN, imp(t, user="u2")), (WATERMARK, (0, t - 6 * SEC - 1))])
-    assert s.push([]) == ([], [])  # beyond lateness - delay past the watermark: waits
-    pits, rows = s.push([(WATERMARK, (0, t - 6 * SEC))])
-    assert pits == [] and {(e, i) for e, i, _, _ in rows} == {("user", "u2"), ("item", "i1")}
+    push(s, [(SEEN, imp(t, user="u2")), (WATERMARK, (0, t - 6 * SEC - 1))])
+    # beyond lateness - delay past the watermark: waits
+    assert push(s, []) == [] and s.rows() == []
+    assert push(s, [(WATERMARK, (0, t - 6 * SEC))]) == []
+    assert {(e, i) for e, i, _, _ in s.rows()} == {("user", "u2"), ("item", "i1")}
     # an impression arriving 1.5 s behind the watermark is still in the snapshot of its
     # neighbour, counted before it went out
-    assert s.push([(WATERMARK, (0, t + 500))]) == ([], [])
-    pits, _ = s.push([(SEEN, imp(t - SEC, user="u3")), (WATERMARK, (0, t + 4 * SEC - 1))])
-    assert [i for i, _ in pits] == ["u3-99000"]  # its own delay has passed
-    pits, _ = s.push([(WATERMARK, (0, t + 4 * SEC))])
+    assert push(s, [(WATERMARK, (0, t + 500))]) == []
+    pits = push(s, [(SEEN, imp(t - SEC, user="u3")), (WATERMARK, (0, t + 4 * SEC - 1))])
+    assert [i for i, _, _ in pits] == ["u3-99000"]  # its own delay has passed
+    pits = push(s, [(WATERMARK, (0, t + 4 * SEC))])
     assert counts(pits) == {"u2-100000": {
         "user": {"imp_1m": 0, "clk_1m": 0, "imp_1h": 0, "clk_1h": 0},
         "item": {"imp_1m": 1, "clk_1m": 0, "imp_1h": 1, "clk_1h": 0}}}
@@ -153,7 +166,7 @@ def test_done_partitions_flush_everything():
     s = scheduler(partitions=3)
     pits = run(s, [[sig for sig in b if sig[0] != WATERMARK] for b in batches])
     assert pits == []  # no watermark, nothing out
-    pits, _ = s.push([(WATERMARK, (p, DONE)) for p in range(3)])
+    pits = push(s, [(WATERMARK, (p, DONE)) for p in range(3)])
     assert len(pits) == 200 and s.waiting == s.snapshots == []
 
 
@@ -174,14 +187,14 @@ def test_resumed_from_its_state_midway_gives_the_same_snapshots():
 
 def test_quiet_entities_get_stale_rows_then_all_rows_on_demand():
     s = scheduler()
-    _, rows = s.push([(SEEN, imp(0, user="quiet", item="a")), (SEEN, imp(SEC, user="busy")),
-                      (WATERMARK, (0, SEC))])
-    assert ("user", "quiet") in {(e, i) for e, i, _, _ in rows}
-    _, rows = s.push([(SEEN, imp(30 * SEC, user="busy")), (WATERMARK, (0, 30 * SEC))])
-    assert {(e, i) for e, i, _, _ in rows} == {("user", "busy"), ("item", "i1")}
+    push(s, [(SEEN, imp(0, user="quiet", item="a")), (SEEN, imp(SEC, user="busy")),
+             (WATERMARK, (0, SEC))])
+    assert ("user", "quiet") in {(e, i) for e, i, _, _ in s.rows()}
+    push(s, [(SEEN, imp(30 * SEC, user="busy")), (WATERMARK, (0, 30 * SEC))])
+    assert {(e, i) for e, i, _, _ in s.rows()} == {("user", "busy"), ("item", "i1")}
     # the quiet user's impression leaves its 1-minute window as of 60.001 s
-    _, rows = s.push([(SEEN, imp(MIN + 1, user="busy")), (WATERMARK, (0, MIN + 1))])
-    stale = {(e, i): (v, ts) for e, i, v, ts in rows}
+    push(s, [(SEEN, imp(MIN + 1, user="busy")), (WATERMARK, (0, MIN + 1))])
+    stale = {(e, i): (v, ts) for e, i, v, ts in s.rows()}
     assert stale[("user", "quiet")] == (
         {"imp_1m": 0, "clk_1m": 0, "imp_1h": 1, "clk_1h": 0}, MIN + 1)
     assert {(e, i) for e, i, _, _ in s.all_rows()} == {
@@ -191,3 +204,49 @@ def test_quiet_entities_get_stale_rows_then_all_rows_on_demand():
 def test_pit_delay_must_fit_in_the_lateness():
     with pytest.raises(ValueError, match="pit_delay_ms"):
         PointInTimeScheduler(SPEC, 1, allowed_lateness_ms=SEC, pit_delay_ms=2 * SEC)
+
+
+def sharded_run(batches, shards, stop=None):
+    """The batches through a router and one scheduler per shard: {impression: [(shard, n,
+    part)]}, and the schedulers."""
+    router = ShardRouter(SPEC, shards)
+    ss = [scheduler(partitions=2) for _ in range(shards)]
+    parts: dict = {}
+    for b in batches[:stop]:
+        for k, signals in router.route(b):
+            for iid, n, part in ss[k].push(signals):
+                parts.setdefault(iid, []).append((k, n, part))
+    return parts, ss
+
+
+@pytest.mark.parametrize("shards", [1, 4, 16])
+def test_sharded_parts_add_up_to_the_recount(shards):
+    events, batches = partitioned_batches(4, n=800)
+    parts, ss = sharded_run(batches, shards)
+    imps = {e.impression_id: e for k, e, _ in events if k == SEEN}
+    assert parts.keys() == imps.keys()
+    for iid, got in parts.items():
+        # each shard owning an entity of the impression sends one part, and says how many
+        assert sorted(k for k, _, _ in got) == sorted({k for k, _, _ in got})
+        assert {n for _, n, _ in got} == {len(got)}
+        merged = orjson.loads(merge_parts([(k, p) for k, _, p in got]))
+        assert merged == recount(events, imps[iid]), iid
+    busy = [len(s.counters) for s in ss]
+    assert sum(busy) == 40 and (shards == 1 or max(busy) < 40)  # 20 users + 20 items, spread
+
+
+def test_sharded_resume_midway_gives_the_same_parts():
+    _, batches = partitioned_batches(5, n=2000)
+    straight, _ = sharded_run(batches, 4)
+    half = len(batches) // 2
+    before, ss = sharded_run(batches, 4, stop=half)
+    states = [pickle.loads(pickle.dumps(s.state())) for s in ss]
+    router = ShardRouter(SPEC, 4)  # a new router: it sends every watermark again
+    resumed = [scheduler(partitions=2, resume=st) for st in states]
+    after: dict = {}
+    for b in batches[half:]:
+        for k, signals in router.route(b):
+            for iid, n, part in resumed[k].push(signals):
+                after.setdefault(iid, []).append((k, n, part))
+    joined = {i: sorted(before.get(i, []) + after.get(i, [])) for i in straight}
+    assert joined == {i: sorted(v) for i, v in straight.items()}
