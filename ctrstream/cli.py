@@ -4,34 +4,30 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
 import redis
 from redis.exceptions import RedisClusterException
 
-from ctrstream import (
-    doctor,
-    embeddings,
-    features,
-    produce,
-    report,
-    retrain,
-    run,
-    score,
-    serve,
-    stack,
-)
 from features.store import redact_url
 from flows.config import Config, load_config
 from joiner.errors import CtrstreamError
 
-# The modules that add subcommands, in the order `--help` lists them.
-COMMANDS = [stack, produce, run, features, score, serve, doctor, embeddings, retrain,
-            report]
+# The modules that add subcommands (ctrstream.NAME, the command's name), in the order
+# `--help` lists them.
+COMMANDS = ["stack", "produce", "run", "features", "score", "serve", "doctor", "embeddings",
+            "retrain", "report"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; given ``argv`` naming one, of that one only: some
+    modules import torch (~3 s of CPU), which most commands, the join flow's processes
+    among them, never use."""
+    named = [a for a in (argv or ()) if a in COMMANDS]
+    modules = [importlib.import_module(f"ctrstream.{name}")
+               for name in (named[:1] or COMMANDS)]
     parser = argparse.ArgumentParser(
         prog="ctrstream",
         description="Streaming features and online learning for CTR prediction.",
@@ -40,13 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TOML config file (default: $CTRSTREAM_CONFIG or ./ctrstream.toml)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in COMMANDS:
+    for module in modules:
         module.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -4,6 +4,7 @@ starts and supervises the processes)."""
 from __future__ import annotations
 
 import gc
+import importlib
 import logging
 import subprocess
 import sys
@@ -15,12 +16,13 @@ from pathlib import Path
 from bytewax._bytewax import cli_main, init_db_dir
 from bytewax.recovery import RecoveryConfig
 
-from flows import join, learn, metrics
+from flows import metrics
 from flows.config import Config
 
 log = logging.getLogger(__name__)
 
-FLOWS = {"join": join.build, "learn": learn.build}
+# Imported when run: the learn flow imports torch (~3 s of CPU), which the join never needs.
+FLOWS = {"join": "flows.join", "learn": "flows.learn"}
 COMPACT_EVERY_EPOCHS = 6  # the recovery store is compacted this often (flows.compact)
 # Python's default (700, 10, 10) promotes anything that outlives a few thousand allocations;
 # a flow's items live a little longer than that (waiting in a batch, a heap, the Redis
@@ -55,7 +57,7 @@ def run_flow(cfg: Config, name: str, *, until_eof: bool = False,
              recovery: bool = True, snapshot_interval_s: float = 5.0, process_id: int | None = None,
              addresses: list[str] | None = None) -> None:
     """Run one process of flow ``name`` in this process (blocks until the flow ends)."""
-    flow = FLOWS[name](cfg, until_eof=until_eof)
+    flow = importlib.import_module(FLOWS[name]).build(cfg, until_eof=until_eof)
     metrics.serve(cfg, name, process_id or 0)  # here: the only place that knows process_id
     n_proc = len(addresses) if addresses else 1
     gc.set_threshold(*GC_THRESHOLDS)
