@@ -27,6 +27,15 @@ toward 50 %.
 The prior variance is per coordinate; the prior of a score is ``active features x
 prior_variance``, so with more active features the prior variance should shrink.
 
+``learn_many`` learns in micro-batches, as ``FTRLProximal.learn_many`` does: within a chunk
+every example is scored with the beliefs at the chunk's start, each coordinate's mean moves by
+the sum of its examples' steps and its variance by the product of their factors
+``1 - var_i w / S^2`` (so it stays positive). The chunk length adapts the same way (from 1,
+doubling up to ``max_batch`` while a chunk moves its examples' scores by less than 0.1 on
+average, halving above 0.3). On the first 300k examples of bench/learners.py's 3-day
+stream: one at a time NE 0.9678 at 29k examples/s; chunks of up to 64 NE 0.9681 at 166k/s
+(up to 256: 0.9686, 193k/s).
+
 >>> import numpy as np
 >>> model = BOPR(beta=1.0, prior_variance=0.1, bits=4)
 >>> x_a, x_b = np.array([0, 3]), np.array([0, 5])
@@ -48,7 +57,7 @@ import math
 
 import numpy as np
 
-from learners.ftrl import csr_rows
+from learners.ftrl import CHUNK_MOVE_HIGH, CHUNK_MOVE_LOW, csr_rows
 
 STATE_VERSION = 1
 SQRT2 = math.sqrt(2.0)
@@ -119,9 +128,12 @@ class BOPR:
         prior_variance: float = 0.01,
         bits: int = 20,
         dynamics_epsilon: float = 0.0,
+        max_batch: int = 64,
     ):
         if beta <= 0 or prior_variance <= 0:
             raise ValueError("beta and prior_variance must be > 0")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if not 0.0 <= dynamics_epsilon < 1.0:
             raise ValueError(f"dynamics_epsilon must be in [0, 1), got {dynamics_epsilon}")
         self.beta = float(beta)
@@ -132,6 +144,9 @@ class BOPR:
         self.var = np.full(1 << bits, self.prior_variance)
         self._touched = np.zeros(1 << bits, dtype=bool)
         self._min_var = self.prior_variance * MIN_VARIANCE_FRACTION
+        self.max_batch = max_batch
+        self.chunk = 1  # examples in learn_many's next chunk, adapted up to max_batch
+        self._slot = np.zeros(1 << bits, dtype=np.int64)  # scratch for learn_many
 
     # -- prediction ---------------------------------------------------------------------------
 
@@ -185,16 +200,51 @@ class BOPR:
         return norm_cdf(score)
 
     def learn_many(self, indptr, indices, y) -> np.ndarray:
-        """Sequential updates (the model's own order matters: there is no exact batched form),
-        returning the prediction made before each."""
+        """Learn a batch in chunks (see the module docstring); returns the prediction made
+        before learning each example (with its chunk's starting beliefs). ``max_batch`` 1 is
+        ``learn_one`` on each in turn."""
         indptr, indices = np.asarray(indptr), np.asarray(indices)
-        y = np.asarray(y)
-        out = np.empty(len(indptr) - 1)
-        learn = self.learn_one
-        bounds = indptr.tolist()
-        for k, label in enumerate(y.tolist()):
-            out[k] = learn(indices[bounds[k] : bounds[k + 1]], label)
+        y = np.asarray(y, dtype=np.float64)
+        m = len(indptr) - 1
+        out = np.empty(m)
+        a = 0
+        while a < m:
+            b = min(a + self.chunk, m)
+            if b - a == 1:
+                out[a] = self.learn_one(indices[indptr[a]:indptr[b]], y[a])
+                moved = 0.0
+            else:
+                lo, hi = indptr[a], indptr[b]
+                out[a:b], moved = self._chunk(indptr[a:b + 1] - lo, indices[lo:hi], y[a:b])
+            if moved > CHUNK_MOVE_HIGH:
+                self.chunk = max(1, self.chunk // 2)
+            elif moved < CHUNK_MOVE_LOW and b - a == self.chunk:
+                self.chunk = min(self.max_batch, 2 * self.chunk)
+            a = b
         return out
+
+    def _chunk(self, indptr, indices, y) -> tuple[np.ndarray, float]:
+        rows = csr_rows(indptr)
+        slot, k = self._slot, np.arange(len(indices))  # unique coordinates, as FTRL's _chunk
+        slot[indices] = k
+        uniq = indices[slot[indices] == k]
+        slot[uniq] = np.arange(len(uniq))
+        inv = slot[indices]
+        mu, var = self.mu[uniq], self.var[uniq]
+        m = len(y)
+        s2 = self.beta**2 + np.bincount(rows, weights=var[inv], minlength=m)
+        s = np.sqrt(s2)
+        score = np.bincount(rows, weights=mu[inv], minlength=m) / s
+        sign = np.where(y > 0, 1.0, -1.0)
+        v, w = v_w_many(sign * score)
+        var_e = var[inv]
+        new_mu = mu + np.bincount(inv, weights=var_e * (sign * v / s)[rows], minlength=len(uniq))
+        shrink = np.bincount(inv, weights=np.log1p(-var_e * (w / s2)[rows]), minlength=len(uniq))
+        new_var = np.maximum(var * np.exp(shrink), self._min_var)
+        self.mu[uniq], self.var[uniq] = new_mu, new_var
+        self._touched[uniq] = True
+        moved = np.abs(np.bincount(rows, weights=(new_mu - mu)[inv], minlength=m) / s).mean()
+        return norm_cdf(score), float(moved)
 
     def apply_dynamics(self, elapsed: float = 1.0) -> None:
         """Forget toward the prior for ``elapsed`` intervals (of whatever unit
@@ -233,6 +283,8 @@ class BOPR:
             "prior_variance": self.prior_variance,
             "bits": self.bits,
             "dynamics_epsilon": self.dynamics_epsilon,
+            "max_batch": self.max_batch,
+            "chunk": self.chunk,
             "mu": self.mu,
             "var": self.var,
             "touched": self._touched,
@@ -243,8 +295,10 @@ class BOPR:
         if state.get("kind") != "bopr" or state.get("version") != STATE_VERSION:
             raise ValueError(f"not a BOPR state of version {STATE_VERSION}")
         model = cls(
-            state["beta"], state["prior_variance"], int(state["bits"]), state["dynamics_epsilon"]
+            state["beta"], state["prior_variance"], int(state["bits"]), state["dynamics_epsilon"],
+            int(state.get("max_batch", 64)),
         )
+        model.chunk = int(state.get("chunk", 1))
         size = 1 << model.bits
         for name in ("mu", "var"):
             arr = np.asarray(state[name], dtype=np.float64)

@@ -273,7 +273,7 @@ def test_bopr_dynamics():
 
 def test_bopr_learn_many_spread_thompson_state():
     indptr, indices, y, _, _ = synthetic(500, d=12, k=3, seed=9, link="probit")
-    a, b = BOPR(bits=5), BOPR(bits=5)
+    a, b = BOPR(bits=5, max_batch=1), BOPR(bits=5)
     pa = a.learn_many(indptr, indices, y)
     pb = [b.learn_one(x, label) for x, label in zip(rows(indptr, indices), y, strict=True)]
     assert np.array_equal(pa, pb) and np.array_equal(a.var, b.var)
@@ -293,6 +293,27 @@ def test_bopr_learn_many_spread_thompson_state():
     c = BOPR.from_state(a.state())
     assert np.array_equal(c.params(x)[0], a.params(x)[0])
     assert c.learn_one(x, 1) == a.learn_one(x, 1)
+
+
+def test_bopr_chunks_learn_as_well_as_one_at_a_time():
+    indptr, indices, y, _, _ = synthetic(20_000, d=40, k=8, seed=12, link="probit")
+    seq = BOPR(prior_variance=0.1, bits=6, max_batch=1)
+    chunked = BOPR(prior_variance=0.1, bits=6)
+    p_seq = seq.learn_many(indptr, indices, y)
+    p_chunk = chunked.learn_many(indptr, indices, y)
+    assert chunked.chunk > 8  # it did batch
+    assert abs(mean_log_loss(p_chunk, y) - mean_log_loss(p_seq, y)) < 0.003
+    assert (chunked.var > 0).all() and (chunked.var <= 0.1).all()
+    np.testing.assert_allclose(chunked.mu, seq.mu, atol=0.15)
+
+
+def test_bopr_chunk_scores_with_the_beliefs_at_its_start():
+    indptr, indices, y, _, _ = synthetic(64, d=12, k=3, seed=13, link="probit")
+    m = BOPR(prior_variance=0.1, bits=5)
+    m.mu[:] = np.linspace(-0.2, 0.2, 32)
+    before = m.predict_many(indptr, indices)
+    m.chunk = 64
+    np.testing.assert_allclose(m.learn_many(indptr, indices, y), before, rtol=0, atol=1e-12)
 
 
 def test_bopr_recovers_known_weights():
