@@ -19,7 +19,8 @@ before it is learned, labels as joined) day by day:
 Printed: next-day NE per model for the three tracks, each retrain's status, holdout NE and,
 when refused, its reason; examples/s of online learning and of the retrain.
 
-    python bench/retrain.py [--days 3] [--rate 1.0] [--seed 0] [--quick] [--json]
+    python bench/retrain.py [--days 3] [--rate 1.0] [--seed 0] [--emb-order time|shuffled]
+                            [--quick] [--json]
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from learners.archive import ExampleArchive, day_of  # noqa: E402
 from learners.metrics import normalized_entropy  # noqa: E402
 from learners.model import MODELS, Models  # noqa: E402
 from learners.publish import ModelStore  # noqa: E402
-from learners.retrain import RetrainSettings, retrain  # noqa: E402
+from learners.retrain import EMB_ORDERS, RetrainSettings, retrain  # noqa: E402
 from tests.integration.test_retrain import MIDNIGHT, simulate  # noqa: E402
 
 
@@ -67,8 +68,8 @@ def copy(models: Models, settings: RetrainSettings) -> Models:
     return Models.from_bytes(settings.models, settings.spec, models.to_bytes())
 
 
-def run(days: int, rate: float, seed: int, log=print) -> dict:
-    settings = RetrainSettings()  # the default config's
+def run(days: int, rate: float, seed: int, emb_order: str = "time", log=print) -> dict:
+    settings = RetrainSettings(emb_order=emb_order)  # else the default config's
     t = time.perf_counter()
     sim = simulate(MIDNIGHT, days * 86_400, rate, seed=seed)
     by_day: list[list[dict]] = [[] for _ in range(days)]
@@ -85,8 +86,8 @@ def run(days: int, rate: float, seed: int, log=print) -> dict:
     online, pipeline = Models(settings.models, settings.spec), Models(settings.models,
                                                                        settings.spec)
     candidate = None
-    out: dict = {"days": [], "retrains": [], "rate": rate, "seed": seed, "examples":
-                 len(sim.examples)}
+    out: dict = {"days": [], "retrains": [], "rate": rate, "seed": seed, "emb_order": emb_order,
+                 "examples": len(sim.examples)}
     root = tempfile.mkdtemp(prefix="bench-retrain-")
     archive = ExampleArchive(Path(root) / "archive", fsync=False)
     server = Component("redis", free_port(), Path(root))
@@ -163,6 +164,9 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=1.0,
                     help="impressions per second of event time (1.0: ~86k a day)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--emb-order", choices=EMB_ORDERS, default="time",
+                    help="the embedding model's order in the retrain's epoch (default: time; "
+                         "shuffled: as the retrain did before)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--quick", action="store_true", help="--rate 0.3 (~26k a day)")
     ap.add_argument("--json", action="store_true", help="one JSON object last")
@@ -173,7 +177,7 @@ def main() -> None:
     rate = 0.3 if args.quick else args.rate
     print("$ python bench/retrain.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     print(f"{os.cpu_count()} CPUs, torch threads {args.threads}")
-    out = run(args.days, rate, args.seed)
+    out = run(args.days, rate, args.seed, args.emb_order)
     report(out)
     if args.json:
         print(orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY).decode())

@@ -15,10 +15,17 @@ What it does, in order (`retrain`):
    `incompatible`): fresh models.
 3. **Split**: the last ``holdout_fraction`` of the day's examples (by count, in event time) is
    the holdout; the rest is the training set.
-4. **Train one epoch** (`train_epoch`) on the training set in a shuffled order drawn from
-   ``seed``: FTRL and BOPR batch by batch, the embedding model on the same shuffled data with
-   all its parameters (the dense part too, which stays frozen online). Negatives are
-   downsampled exactly as online (by id, ``negative_sample_rate``).
+4. **Train one epoch** (`train_epoch`) on the training set: FTRL and BOPR batch by batch in
+   a shuffled order drawn from ``seed``, the embedding model (rows and dense part) in
+   event-time order, as it learns online (``RetrainSettings.emb_order``). Negatives are
+   downsampled exactly as online (by id, ``negative_sample_rate``). Why not shuffled for the
+   embedding model too: with its dense part learned online, one shuffled epoch was a lottery
+   on the next day (NE 0.9676 to 0.9736 over four shuffle seeds of one simulated day, against
+   0.9682 online and 0.9677 in time order), and over 3 simulated days it made the next day
+   worse than online only (+0.0038, +0.0017) where time order did not (-0.0006, +0.0000):
+   ``python bench/retrain.py --emb-order shuffled`` against ``python bench/retrain.py``.
+   (The simulator's interests turn once a day; a second pass in time order, or smaller
+   batches, did not help either.)
 5. **Evaluate on the holdout, and learn it** (`learn_holdout`): the new models predict each
    holdout example, then learn it, in event-time order and micro-batches, as the learn flow
    would have (``Models.learn``). Their NE there is compared, model by model and on the same
@@ -91,6 +98,7 @@ CHUNK_BATCHES = 32  # batches decoded from Arrow (and reported to the progress b
 MIN_ONLINE_COVERAGE = 0.5  # share of the holdout that must carry the online predictions
 PUBLISH_ATTEMPTS = 5  # pointer flips tried while the learn flow keeps publishing
 EVALUATIONS = ("progressive", "frozen")
+EMB_ORDERS = ("time", "shuffled")
 
 
 class NoArchive(CtrstreamError, LookupError):
@@ -125,6 +133,7 @@ class RetrainSettings:
     holdout_fraction: float = 0.1
     max_ne_regression: float = 0.005
     online_keep_hours: float = 2.0  # how long a learn flow's version replaced stays readable
+    emb_order: str = "time"  # the embedding model's order in `train_epoch` (EMB_ORDERS)
 
 
 @dataclass
@@ -316,10 +325,14 @@ def _note_items(models: Models, examples: list[dict]) -> None:
 
 
 def train_epoch(models: Models, table: pa.Table, seed: int,
-                progress: Callable[..., Any] | None = None) -> int:
-    """One pass over ``table``'s rows in the order ``permutation(seed)``: FTRL and BOPR learn
-    each batch of ``retrain_batch_size``; the embedding model trains every parameter on the
-    same data (rows and dense part). Returns the examples learned (after downsampling)."""
+                progress: Callable[..., Any] | None = None, emb_order: str = "time") -> int:
+    """One pass over ``table``'s rows (in event-time order): FTRL and BOPR learn each batch
+    of ``retrain_batch_size`` in the order ``permutation(seed)``; the embedding model trains
+    every parameter (rows and dense part) on the same examples in event-time order
+    (``emb_order="time"``, as it learns online) or in the shuffled order too ("shuffled").
+    Returns the examples learned (after downsampling)."""
+    if emb_order not in EMB_ORDERS:
+        raise ValueError(f"emb_order must be one of {EMB_ORDERS}, got {emb_order!r}")
     step = models.settings.retrain_batch_size
     n = table.num_rows
     order = np.random.default_rng(seed).permutation(n)
@@ -327,36 +340,44 @@ def train_epoch(models: Models, table: pa.Table, seed: int,
         keep = keep_many(table["impression_id"].to_pylist(), table["label"].to_numpy(),
                          models.rate)
         order = order[keep[order]]
-    emb = models.emb
-    # Count every sighting first, as EmbeddingLearner.train_epoch does: an id frequent in the
-    # day learns in its own row from its first example.
-    kept = np.sort(order)
-    ts = table["ts"].to_numpy()[kept]
-    for name, table_ in (("user_id", emb.users), ("item_id", emb.items)):
-        table_.observe(table[name].take(kept).to_pylist(), ts)
+    emb, kept = models.emb, np.sort(order)
+    if emb_order == "shuffled":
+        # Count every sighting first, as EmbeddingLearner.train_epoch does: an id frequent
+        # in the day learns in its own row from its first example. (In time order,
+        # learn_batch counts them as they come, as online.)
+        ts = table["ts"].to_numpy()[kept]
+        for name, table_ in (("user_id", emb.users), ("item_id", emb.items)):
+            table_.observe(table[name].take(kept).to_pylist(), ts)
     dense_version = emb.dense_version
-    bar = _progress(progress, _batches(len(order), step), "train")
+    passes = (("linear", order),) + ((("emb", kept),) if emb_order == "time" else ())
+    bar = _progress(progress, len(passes) * _batches(len(order), step), "train")
     chunk = step * CHUNK_BATCHES
     try:
-        for c, s in enumerate(range(0, len(order), chunk)):
-            examples = to_examples(table.take(order[s:s + chunk]))
-            if models.rate < 1:
-                examples = [e if e["label"] else {**e, "sample_rate": models.rate}
-                            for e in examples]
-            for b in range(0, len(examples), step):
-                part = examples[b:b + step]
-                indptr, indices = models.hasher.batch(part)
-                y = np.fromiter((e["label"] for e in part), np.float64, len(part))
-                models.ftrl.learn_many(indptr, indices, y)
-                models.bopr.learn_many(indptr, indices, y)
-            # The chunk's examples are already in shuffled order; train_epoch shuffles them
-            # again within the chunk, from a seed of its own.
-            emb.train_epoch(examples, batch_size=step, shuffle_seed=seed + 1 + c,
-                            observe=False, checked=True)  # the table is `learnable` rows
-            _note_items(models, examples)
-            models.examples += len(examples)
-            if bar is not None:
-                bar.update(_batches(len(examples), step))
+        for what, rows in passes:
+            for c, s in enumerate(range(0, len(rows), chunk)):
+                examples = to_examples(table.take(rows[s:s + chunk]))
+                if models.rate < 1:
+                    examples = [e if e["label"] else {**e, "sample_rate": models.rate}
+                                for e in examples]
+                if what == "emb":
+                    for b in range(0, len(examples), step):  # the table is `learnable` rows
+                        emb.learn_batch(examples[b:b + step], checked=True)
+                else:
+                    for b in range(0, len(examples), step):
+                        part = examples[b:b + step]
+                        indptr, indices = models.hasher.batch(part)
+                        y = np.fromiter((e["label"] for e in part), np.float64, len(part))
+                        models.ftrl.learn_many(indptr, indices, y)
+                        models.bopr.learn_many(indptr, indices, y)
+                    if emb_order == "shuffled":
+                        # Already in shuffled order; train_epoch shuffles them again within
+                        # the chunk, from a seed of its own.
+                        emb.train_epoch(examples, batch_size=step, shuffle_seed=seed + 1 + c,
+                                        observe=False, checked=True)
+                    _note_items(models, examples)
+                    models.examples += len(examples)
+                if bar is not None:
+                    bar.update(_batches(len(examples), step))
     finally:
         if bar is not None:
             bar.close()
@@ -530,7 +551,7 @@ def retrain(settings: RetrainSettings, date: str | dt.date, store: ModelStore,
     cut = split_holdout(day.examples, settings.holdout_fraction)
     train, holdout = day.table.slice(0, cut), day.table.slice(cut)
     res.train_examples, res.holdout_examples = train.num_rows, holdout.num_rows
-    train_epoch(models, train, seed, progress)
+    train_epoch(models, train, seed, progress, settings.emb_order)
     t = lap("train", t)
 
     y = holdout["label"].to_numpy(zero_copy_only=False).astype(np.float64)
