@@ -1,0 +1,147 @@
+"""The join flow with and without the count features on one backlog, beside a Pathway peer.
+
+For the same backlog (impressions and clicks already in the topics, 4 partitions), each run is
+`ctrstream run join --until-eof` with recovery on (5 s epochs), on a private broker and Redis:
+features off and on, on 1 and 2 processes (`-p`), the counters in 1 and 16 shards. Printed
+per run: input events/s (wall time, start-up included), input events per CPU-second of the
+flow's processes (user + system of everything the run started), and at `-p 2` the share of
+the counter signals the busier process handled (1.0: one process counts everything). Beside
+them the peer: the same five-entity windowed counts in Pathway, written to the same Redis
+(bench/peers/pathway_counts.py; `make bench` installs Pathway, `make test` never does).
+
+    python bench/pipeline.py [--impressions 300000] [--quick] [--json]
+
+--quick: a 40k-impression backlog, under 3 minutes. --json: one JSON object printed last with
+``off_eps_p1``, ``on_eps_p1``, ``on_eps_per_cpu_s_p1``, ``on_eps_per_cpu_s_p2``,
+``signal_share_p2`` (the larger process's share, 16 shards), ``peer_eps`` (null without
+Pathway) and every run's figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import orjson
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ctrstream.produce import produce  # noqa: E402
+from ctrstream.simulator import StreamSpec  # noqa: E402
+from ctrstream.stack import LocalStack, create_topics, free_port  # noqa: E402
+from flows.config import Config  # noqa: E402
+
+# (name, features on, processes, shards)
+RUNS = [("off_p1", False, 1, 16), ("on_p1", True, 1, 16), ("on_p1_s1", True, 1, 1),
+        ("off_p2", False, 2, 16), ("on_p2", True, 2, 16), ("on_p2_s1", True, 2, 1)]
+
+
+def _cpu_children() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_flow(cfg: Config, tmp: Path, name: str, features: bool, processes: int,
+             shards: int) -> dict:
+    """One `ctrstream run join --until-eof` over the backlog: wall s, CPU s and the
+    counter signals per process."""
+    run_cfg = cfg.replace(kafka={"examples_topic": f"bench-out-{uuid.uuid4().hex[:6]}"},
+                          data_dir=str(tmp / name / "data"),
+                          recovery_dir=str(tmp / name / "recovery"),
+                          features={"enabled": features, "shards": shards,
+                                    "store_prefix": f"f{name}"})
+    create_topics(run_cfg)
+    path = tmp / f"{name}.toml"
+    path.write_text(run_cfg.to_toml())
+    cpu0, t0 = _cpu_children(), time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "ctrstream.cli", "--config", str(path), "run",
+                          "join", "--until-eof", "-p", str(processes)],
+                         cwd=ROOT, capture_output=True)
+    wall, cpu = time.perf_counter() - t0, _cpu_children() - cpu0
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.decode()[-3000:])
+    signals = [orjson.loads(f.read_bytes())["signals"]
+               for f in (Path(run_cfg.data_dir) / "join").glob("counters-*.json")]
+    return {"wall_s": wall, "cpu_s": cpu, "signals": signals}
+
+
+def run_peer(cfg: Config, tmp: Path, n_events: int) -> dict | None:
+    """The Pathway peer over the same topics, or None when Pathway is not installed."""
+    if importlib.util.find_spec("pathway") is None:
+        return None
+    path = tmp / "peer.toml"
+    path.write_text(cfg.replace(features={"store_prefix": "fpeer"}).to_toml())
+    cpu0, t0 = _cpu_children(), time.perf_counter()
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "peers" / "pathway_counts.py"),
+                          str(path), str(n_events)], cwd=ROOT, capture_output=True)
+    wall, cpu = time.perf_counter() - t0, _cpu_children() - cpu0
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.decode()[-3000:])
+    return {"wall_s": wall, "cpu_s": cpu, "signals": []}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--impressions", type=int, default=300_000)
+    ap.add_argument("--quick", action="store_true", help="a 40k-impression backlog")
+    ap.add_argument("--json", action="store_true", help="print one JSON object last")
+    args = ap.parse_args()
+    n_imp = 40_000 if args.quick else args.impressions
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        stack = LocalStack(tmp / "stack", free_port(), free_port())
+        stack.up()
+        try:
+            cfg = stack.config(Config()).replace(
+                kafka={t: f"bench-{t}-{uuid.uuid4().hex[:6]}" for t in (
+                    "impressions_topic", "clicks_topic", "examples_topic",
+                    "dead_letters_topic")})
+            create_topics(cfg)
+            manifest = produce(cfg, StreamSpec(seed=3, impressions=n_imp))
+            c = manifest["counts"]
+            n = c["impression_messages"] + c["click_messages"]
+            results = {name: run_flow(cfg, tmp, name, *rest) for name, *rest in RUNS}
+            peer = run_peer(cfg, tmp, n)
+        finally:
+            stack.down()
+    print(f"join flow over a backlog of {n:,} input events ({n_imp:,} impressions), "
+          f"{cfg.kafka.partitions} partitions, recovery on; one run each")
+    print(f"    {'run':<28} {'events/s':>10} {'events/CPU-s':>13} {'wall s':>7} {'CPU s':>6}"
+          f" {'signal share':>13}")
+    figures = {}
+    labels = {"off_p1": "features off, -p 1", "on_p1": "features on, -p 1, 16 shards",
+              "on_p1_s1": "features on, -p 1, 1 shard", "off_p2": "features off, -p 2",
+              "on_p2": "features on, -p 2, 16 shards", "on_p2_s1": "features on, -p 2, 1 shard",
+              "peer": "Pathway peer, counts only"}
+    for name, r in [*results.items(), *([("peer", peer)] if peer else [])]:
+        eps, per_cpu = n / r["wall_s"], n / r["cpu_s"]
+        share = max(r["signals"]) / sum(r["signals"]) if sum(r["signals"]) else None
+        figures[name] = {"eps": eps, "eps_per_cpu_s": per_cpu, "wall_s": r["wall_s"],
+                         "cpu_s": r["cpu_s"], "signal_share": share}
+        print(f"    {labels[name]:<28} {eps:>10,.0f} {per_cpu:>13,.0f} {r['wall_s']:>7.1f}"
+              f" {r['cpu_s']:>6.1f} {'-' if share is None else f'{share:.2f}':>13}")
+    f = figures
+    print(f"    features on / off at -p 1: {f['on_p1']['eps'] / f['off_p1']['eps']:.2f} "
+          f"(events/s); on at -p 2 / -p 1: "
+          f"{f['on_p2']['eps_per_cpu_s'] / f['on_p1']['eps_per_cpu_s']:.2f} (events/CPU-s)")
+    if peer is None:
+        print("    (no Pathway peer: `make bench` installs it)")
+    if args.json:
+        print(orjson.dumps({
+            "events": n, "off_eps_p1": f["off_p1"]["eps"], "on_eps_p1": f["on_p1"]["eps"],
+            "on_eps_per_cpu_s_p1": f["on_p1"]["eps_per_cpu_s"],
+            "on_eps_per_cpu_s_p2": f["on_p2"]["eps_per_cpu_s"],
+            "signal_share_p2": f["on_p2"]["signal_share"],
+            "peer_eps": f["peer"]["eps"] if peer else None, "runs": figures}).decode())
+
+
+if __name__ == "__main__":
+    main()
