@@ -47,7 +47,18 @@ from learners.archive import ExampleArchive, day_of  # noqa: E402
 from learners.metrics import normalized_entropy  # noqa: E402
 from learners.model import MODELS, Models  # noqa: E402
 from learners.publish import ModelStore  # noqa: E402
-from learners.retrain import EMB_ORDERS, RetrainSettings, retrain  # noqa: E402
+from learners.retrain import (  # noqa: E402
+    EMB_ORDERS,
+    RetrainSettings,
+    learn_holdout,
+    load_day,
+    normalized_entropies,
+    online_predictions,
+    refusal,
+    retrain,
+    split_holdout,
+    train_epoch,
+)
 from tests.integration.test_retrain import MIDNIGHT, simulate  # noqa: E402
 
 
@@ -68,6 +79,25 @@ def copy(models: Models, settings: RetrainSettings) -> Models:
     return Models.from_bytes(settings.models, settings.spec, models.to_bytes())
 
 
+def from_online(models: Models, archive: ExampleArchive, date: str,
+                settings: RetrainSettings, seed: int) -> dict:
+    """The issue's simplified retrain: ``models`` (the online state at the day's end, which
+    learned the day already) one more shuffled epoch over the day's training part, every
+    parameter, then the holdout as `retrain` learns it; judged by the same rule."""
+    day = load_day(archive, date)
+    cut = split_holdout(day.examples, settings.holdout_fraction)
+    train, holdout = day.table.slice(0, cut), day.table.slice(cut)
+    train_epoch(models, train, seed, emb_order="shuffled")
+    y = holdout["label"].to_numpy(zero_copy_only=False).astype(np.float64)
+    online = online_predictions(holdout)
+    mask = np.all([np.isfinite(online[m]) for m in MODELS], axis=0)
+    _, progressive = learn_holdout(models, holdout)
+    ne_online = normalized_entropies(online, y, mask)
+    ne_new = normalized_entropies(progressive, y, mask)
+    return {"date": date, "ne_online": ne_online, "ne_retrained": ne_new,
+            "reason": refusal(ne_online, ne_new, settings.max_ne_regression)}
+
+
 def run(days: int, rate: float, seed: int, emb_order: str = "time", log=print) -> dict:
     settings = RetrainSettings(emb_order=emb_order)  # else the default config's
     t = time.perf_counter()
@@ -85,9 +115,9 @@ def run(days: int, rate: float, seed: int, emb_order: str = "time", log=print) -
 
     online, pipeline = Models(settings.models, settings.spec), Models(settings.models,
                                                                        settings.spec)
-    candidate = None
-    out: dict = {"days": [], "retrains": [], "rate": rate, "seed": seed, "emb_order": emb_order,
-                 "examples": len(sim.examples)}
+    candidate = simplified = None
+    out: dict = {"days": [], "retrains": [], "simplified": [], "rate": rate, "seed": seed,
+                 "emb_order": emb_order, "examples": len(sim.examples)}
     root = tempfile.mkdtemp(prefix="bench-retrain-")
     archive = ExampleArchive(Path(root) / "archive", fsync=False)
     server = Component("redis", free_port(), Path(root))
@@ -103,6 +133,7 @@ def run(days: int, rate: float, seed: int, emb_order: str = "time", log=print) -
             if candidate is not None:
                 row["candidate"] = (row["pipeline"] if candidate is pipeline
                                     else learn(candidate, examples)[1])
+                row["simplified"] = learn(simplified, examples)[1]
             out["days"].append(row)
             if d == days - 1:
                 break
@@ -116,6 +147,11 @@ def run(days: int, rate: float, seed: int, emb_order: str = "time", log=print) -
                 "elapsed_s")})
             log(f"retrain {date}: {res.status}" + (f": {res.reason}" if res.reason else "")
                 + f" ({res.elapsed_s:.1f} s)")
+            simplified = copy(pipeline, settings)
+            out["simplified"].append(from_online(simplified, archive, date, settings, seed))
+            why = out["simplified"][-1]["reason"]
+            log(f"simplified retrain {date} (from the online state): "
+                + (f"refused: {why}" if why else "not refused"))
             if res.status == "published":
                 pipeline = candidate = res.models
             else:
@@ -132,13 +168,15 @@ def _f(x) -> str:
 def report(out: dict) -> None:
     print("\nNext-day progressive NE (labels as joined; lower is better):\n")
     print("| day | model | online only | pipeline | candidate (retrain of the day before, "
-          "published or not) | candidate - online |")
-    print("|---|---|---|---|---|---|")
+          "published or not) | candidate - online | simplified retrain (from the online "
+          "state, shuffled; never published) | simplified - online |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in out["days"][1:]:
         for m in MODELS:
             on, pipe, cand = row["online"][m], row["pipeline"][m], row["candidate"][m]
+            simple = row["simplified"][m]
             print(f"| {row['date']} | {m} | {on:.4f} | {pipe:.4f} | {cand:.4f} | "
-                  f"{cand - on:+.4f} |")
+                  f"{cand - on:+.4f} | {simple:.4f} | {simple - on:+.4f} |")
     print("\nRetrains (the rule: holdout NE, the day's last 10 %, retrained <= online + "
           "learn.max_ne_regression):\n")
     for r in out["retrains"]:
@@ -154,6 +192,13 @@ def report(out: dict) -> None:
                   f", 2 se of the difference {_f(2 * r['ne_difference_se'].get(m, math.nan))})")
         if r["reason"]:
             print(f"    reason: {r['reason']}")
+    print("\nThe simplified retrain (the online state at the day's end, one more shuffled "
+          "epoch over the day, every parameter), judged by the same rule:\n")
+    for r in out["simplified"]:
+        ne = ", ".join(f"{m} {r['ne_retrained'][m]:.4f} (online {r['ne_online'][m]:.4f})"
+                       for m in MODELS)
+        print(f"- {r['date']}: " + (f"**refused**: {r['reason']}" if r["reason"]
+                                    else "**not refused**") + f"; holdout NE {ne}")
     eps = [row["online_eps"] for row in out["days"]]
     print(f"\nonline learning (Models.learn, all three): {np.mean(eps):,.0f} examples/s")
 
