@@ -109,10 +109,12 @@ def _as_int(value: Any) -> int | None:
 
 
 def dense_features(examples: Sequence[Mapping], count_entities: Sequence[str] = COUNT_ENTITIES,
-                   count_names: Sequence[str] = COUNT_NAMES) -> np.ndarray:
+                   count_names: Sequence[str] = COUNT_NAMES, counts: np.ndarray | None = None
+                   ) -> np.ndarray:
     """The dense input of each example, float32 [n, dense_dim]: one-hot context buckets, then
     log1p of each count named, entity by entity (missing entities or counts are 0; negative
-    or non-numeric ones too)."""
+    or non-numeric ones too). ``counts``: those counts as a matrix in that order, if read
+    already (``FeatureHasher.count_values``)."""
     n, per_entity = len(examples), len(count_names)
     out = np.zeros((n, dense_dim(count_entities, count_names)), np.float32)
     zeros = (0,) * per_entity
@@ -120,7 +122,7 @@ def dense_features(examples: Sequence[Mapping], count_entities: Sequence[str] = 
                   else lambda d: (d[count_names[0]],))
     hot_r: list[int] = []
     hot_c: list[int] = []
-    counts: list = []
+    given, counts = counts, []
     for r, e in enumerate(examples):
         f = e.get("features")
         if f:
@@ -138,6 +140,8 @@ def dense_features(examples: Sequence[Mapping], count_entities: Sequence[str] = 
                             cache[v] = col
                     hot_r.append(r)
                     hot_c.append(col)
+        if given is not None:
+            continue
         c = e.get("counts") or {}
         for ent in count_entities:
             d = c.get(ent)
@@ -149,6 +153,9 @@ def dense_features(examples: Sequence[Mapping], count_entities: Sequence[str] = 
             except KeyError:
                 counts.extend([d.get(k, 0) for k in count_names])
     out[hot_r, hot_c] = 1.0
+    if given is not None:
+        out[:, _N_CONTEXT:] = np.log1p(np.maximum(given, 0))
+        return out
     try:
         vals = np.array(counts, np.float64)
     except (TypeError, ValueError):  # a stray string or None: only that value becomes 0
@@ -500,15 +507,16 @@ class EmbeddingLearner:
     def tables(self) -> dict[str, EmbeddingTable]:
         return {"user": self.users, "item": self.items}
 
-    def dense_features(self, examples: Sequence[Mapping]) -> np.ndarray:
+    def dense_features(self, examples: Sequence[Mapping], counts: np.ndarray | None = None
+                       ) -> np.ndarray:
         """``dense_features`` with this learner's counts."""
-        return dense_features(examples, self.count_entities, self.count_names)
+        return dense_features(examples, self.count_entities, self.count_names, counts)
 
     # -- learning ---------------------------------------------------------------------------
 
-    def _step(self, examples: Sequence[Mapping], ru: np.ndarray, ri: np.ndarray
-              ) -> tuple[float, int]:
-        x = torch.from_numpy(self.dense_features(examples))
+    def _step(self, examples: Sequence[Mapping], ru: np.ndarray, ri: np.ndarray,
+              x: np.ndarray | None = None) -> tuple[float, int]:
+        x = torch.from_numpy(self.dense_features(examples) if x is None else x)
         y, w = _labels_weights(examples)
         uu, inv_u = np.unique(ru, return_inverse=True)
         ui, inv_i = np.unique(ri, return_inverse=True)
@@ -541,12 +549,13 @@ class EmbeddingLearner:
             self.max_ts = max(self.max_ts, max(ts))
         return [e.get("user_id") for e in examples], [e.get("item_id") for e in examples], ts
 
-    def learn_batch(self, examples: Sequence[Mapping], checked: bool = False
-                    ) -> dict[str, float]:
-        """One online step on a micro-batch: only the rows of its users and items change.
-        Examples ``joiner.events.why_not_learnable`` refuses are skipped (``checked``: the
-        caller has applied it already). Returns {"examples", "skipped", "rows" (rows updated),
-        "loss" (mean log loss before the step)}."""
+    def learn_batch(self, examples: Sequence[Mapping], checked: bool = False,
+                    x: np.ndarray | None = None) -> dict[str, float]:
+        """One online step on a micro-batch: the rows of its users and items and the dense
+        block change. Examples ``joiner.events.why_not_learnable`` refuses are skipped
+        (``checked``: the caller has applied it already; only then may ``x``, the examples'
+        ``dense_features`` computed for their prediction, be passed). Returns {"examples",
+        "skipped", "rows" (rows updated), "loss" (mean log loss before the step)}."""
         batch = list(examples) if checked else _learnable(examples)
         skipped = len(examples) - len(batch)
         self.counters["skipped"] += skipped
@@ -554,7 +563,7 @@ class EmbeddingLearner:
             return {"examples": 0, "skipped": skipped, "rows": 0, "loss": 0.0}
         users, items, ts = self._ids_ts(batch)
         loss, rows = self._step(batch, self.users.observe(users, ts),
-                                self.items.observe(items, ts))
+                                self.items.observe(items, ts), x if checked else None)
         self.counters["learned"] += len(batch)
         self.counters["batches"] += 1
         return {"examples": len(batch), "skipped": skipped, "rows": rows,
@@ -594,13 +603,16 @@ class EmbeddingLearner:
         d = self.model.dense
         return torch.cat([d.weight.detach().reshape(-1), d.bias.detach()]).numpy().copy()
 
-    def predict_batch(self, examples: Sequence[Mapping]) -> np.ndarray:
-        """p for each example (float64), through ``score_vectors`` exactly as a scorer would."""
+    def predict_batch(self, examples: Sequence[Mapping], x: np.ndarray | None = None
+                      ) -> np.ndarray:
+        """p for each example (float64), through ``score_vectors`` exactly as a scorer would
+        (``x``: their ``dense_features``, if computed already)."""
         if not examples:
             return np.zeros(0)
         u = self.users.vectors(self.users.lookup(e.get("user_id") for e in examples))
         v = self.items.vectors(self.items.lookup(e.get("item_id") for e in examples))
-        return score_vectors(u, v, self.dense_features(examples), self.dense_weights())
+        x = self.dense_features(examples) if x is None else x
+        return score_vectors(u, v, x, self.dense_weights())
 
     def evict(self, now_ms: int | None = None) -> dict[str, list[str]]:
         """Evict rows unseen for ``evict_after_ms`` before ``now_ms`` (default: the latest

@@ -161,18 +161,23 @@ class Models:
                 self.emb.count_names != tuple(spec.feature_names())):
             raise ValueError("the embedding model reads other counts than the spec given")
         self.metrics = {m: ProgressiveMetrics(s.metrics_window, slices=SLICES) for m in MODELS}
+        # The hasher's count matrix is the embedding model's too when they read the same
+        # counts in the same order (they do from one spec).
+        self._shared_counts = self.hasher.count_features == {
+            e: self.emb.count_names for e in self.emb.count_entities}
         self.examples = 0  # learned (after downsampling)
         self.micro_batch = 1
         self.items: dict[str, dict] = {}  # item attributes seen since the last push
 
     # -- learning -----------------------------------------------------------------------------
 
-    def predict(self, examples: Sequence[Mapping], csr=None) -> dict[str, np.ndarray]:
-        """p of each model for each example, on the unsampled scale."""
+    def predict(self, examples: Sequence[Mapping], csr=None, x=None) -> dict[str, np.ndarray]:
+        """p of each model for each example, on the unsampled scale (``csr``: the examples
+        hashed, ``x``: the embedding model's dense input, if made already)."""
         indptr, indices = csr if csr is not None else self.hasher.batch(examples)
         p = {"ftrl": self.ftrl.predict_many(indptr, indices),
              "bopr": self.bopr.predict_many(indptr, indices),
-             "emb": self.emb.predict_batch(examples)}
+             "emb": self.emb.predict_batch(examples, x)}
         if self.rate < 1:
             p["ftrl"], p["bopr"] = recalibrate(p["ftrl"], self.rate), recalibrate(p["bopr"],
                                                                                    self.rate)
@@ -199,9 +204,13 @@ class Models:
         return {"examples": len(batch), "learned": learned}
 
     def _learn(self, batch: list[dict], annotate: bool) -> int:
-        csr = self.hasher.batch(batch)
+        # Each example's features are made once, for the predictions and the learning alike,
+        # and its counts read once for all models.
+        counts = self.hasher.count_values(batch)
+        csr = self.hasher.batch(batch, counts)
+        x = self.emb.dense_features(batch, counts if self._shared_counts else None)
         y = np.fromiter((e["label"] for e in batch), np.float64, len(batch))
-        predictions = self.predict(batch, csr)
+        predictions = self.predict(batch, csr, x)
         keys = slice_keys(batch)
         for name, p in predictions.items():
             self.metrics[name].update_many(p, y, keys)
@@ -210,13 +219,13 @@ class Models:
                 e["online_p"] = {name: float(p[i]) for name, p in predictions.items()}
         if self.rate < 1:
             keep = keep_many([e["impression_id"] for e in batch], y, self.rate)
-            csr = take_rows(*csr, keep)
+            csr, x = take_rows(*csr, keep), x[keep]
             batch = [e if e["label"] else {**e, "sample_rate": self.rate}
                      for e, k in zip(batch, keep, strict=True) if k]
             y = y[keep]
         self.ftrl.learn_many(*csr, y)
         self.bopr.learn_many(*csr, y)
-        self.emb.learn_batch(batch, checked=True)
+        self.emb.learn_batch(batch, checked=True, x=x)
         attrs = self.settings.item_attributes
         for e in batch:
             feats = e.get("features") or {}

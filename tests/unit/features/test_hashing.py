@@ -169,6 +169,33 @@ def test_batch_is_rows_of_indices():
     assert empty_ptr.tolist() == [0] and len(empty) == 0
 
 
+def test_batch_vector_path_gives_each_example_its_own_indices():
+    # Counts all ints take the vector path; any float, string, None or negative count sends
+    # the batch through the per-example one. Either way a row is indices() of its example.
+    rng = np.random.default_rng(3)
+    h = FeatureHasher(bits=12)  # small: collisions between fields and counts happen
+    names = ["imp_5m", "clk_5m", "imp_1h", "clk_1h", "imp_1d", "clk_1d"]
+
+    def ex(k, **odd):
+        c = {e: {n: int(rng.integers(0, 1 << int(rng.integers(0, 40)))) for n in names}
+             for e in ("user", "item", "category", "user_category")}
+        del c["item"]["clk_1d"]  # a missing count
+        if k % 3 == 0:
+            del c["category"]  # a missing entity
+        c["user"].update(odd)
+        return {"user_id": f"u{k % 7}", "item_id": f"i{k % 5}", "counts": c,
+                "features": {"category": f"c{k % 3}", "position": k % 10, "hour": 2.0}}
+
+    ints = [ex(k) for k in range(300)] + [ex(300, imp_5m=(1 << 53) - 1), ex(301, imp_5m=True)]
+    assert h.count_values(ints) is not None
+    for odd in ({}, {"imp_5m": 3.0}, {"imp_5m": "7"}, {"imp_5m": -1}, {"imp_5m": 1 << 60}):
+        batch = ints + [ex(400, **odd)]
+        assert (h.count_values(batch) is None) == bool(odd)
+        indptr, indices = h.batch(batch)
+        for k, e in enumerate(batch):
+            assert np.array_equal(indices[indptr[k]:indptr[k + 1]], h.indices(e)), (k, odd)
+
+
 def test_bits_and_ctr_buckets():
     from features.derived import BetaPrior
 
