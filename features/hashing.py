@@ -303,7 +303,9 @@ class FeatureHasher:
                               self._count_table[np.arange(j), buckets].ravel()])
         rows = np.concatenate([np.repeat(np.arange(n, dtype=np.int64), lengths),
                                np.repeat(np.arange(n, dtype=np.int64), j)])
-        key = np.unique((rows << 32) | idx)  # by row, then index; indices are below 2**32
+        key = np.sort((rows << 32) | idx)  # by row, then index; indices are below 2**32
+        if len(key):
+            key = key[np.concatenate([[True], key[1:] != key[:-1]])]  # np.unique, 3x slower
         indptr = np.zeros(n + 1, np.int64)
         np.cumsum(np.bincount(key >> 32, minlength=n), out=indptr[1:])
         return indptr, key & 0xFFFFFFFF
