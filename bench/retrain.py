@@ -20,12 +20,13 @@ Printed: next-day NE per model for the three tracks, each retrain's status, hold
 when refused, its reason; examples/s of online learning and of the retrain.
 
     python bench/retrain.py [--days 3] [--rate 1.0] [--seed 0] [--emb-order time|shuffled]
-                            [--quick] [--json]
+                            [--linear-epochs N] [--max-ne-regression X] [--quick] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import shlex
@@ -98,8 +99,14 @@ def from_online(models: Models, archive: ExampleArchive, date: str,
             "reason": refusal(ne_online, ne_new, settings.max_ne_regression)}
 
 
-def run(days: int, rate: float, seed: int, emb_order: str = "time", log=print) -> dict:
+def run(days: int, rate: float, seed: int, emb_order: str = "time",
+        max_ne_regression: float | None = None, linear_epochs: int | None = None,
+        log=print) -> dict:
     settings = RetrainSettings(emb_order=emb_order)  # else the default config's
+    if linear_epochs is not None:
+        settings = dataclasses.replace(settings, linear_epochs=linear_epochs)
+    if max_ne_regression is not None:
+        settings = dataclasses.replace(settings, max_ne_regression=max_ne_regression)
     t = time.perf_counter()
     sim = simulate(MIDNIGHT, days * 86_400, rate, seed=seed)
     by_day: list[list[dict]] = [[] for _ in range(days)]
@@ -117,7 +124,9 @@ def run(days: int, rate: float, seed: int, emb_order: str = "time", log=print) -
                                                                        settings.spec)
     candidate = simplified = None
     out: dict = {"days": [], "retrains": [], "simplified": [], "rate": rate, "seed": seed,
-                 "emb_order": emb_order, "examples": len(sim.examples)}
+                 "emb_order": emb_order, "linear_epochs": settings.linear_epochs,
+                 "max_ne_regression": settings.max_ne_regression,
+                 "examples": len(sim.examples)}
     root = tempfile.mkdtemp(prefix="bench-retrain-")
     archive = ExampleArchive(Path(root) / "archive", fsync=False)
     server = Component("redis", free_port(), Path(root))
@@ -177,8 +186,8 @@ def report(out: dict) -> None:
             simple = row["simplified"][m]
             print(f"| {row['date']} | {m} | {on:.4f} | {pipe:.4f} | {cand:.4f} | "
                   f"{cand - on:+.4f} | {simple:.4f} | {simple - on:+.4f} |")
-    print("\nRetrains (the rule: holdout NE, the day's last 10 %, retrained <= online + "
-          "learn.max_ne_regression):\n")
+    print(f"\nRetrains (the rule: holdout NE, the day's last 10 %, retrained <= online + "
+          f"{out['max_ne_regression']:g}, learn.max_ne_regression):\n")
     for r in out["retrains"]:
         print(f"- {r['date']}: **{r['status']}**"
               + (f" (warm start: retrain of {r['base_date']})" if r["base"] else
@@ -212,6 +221,10 @@ def main() -> None:
     ap.add_argument("--emb-order", choices=EMB_ORDERS, default="time",
                     help="the embedding model's order in the retrain's epoch (default: time; "
                          "shuffled: as the retrain did before)")
+    ap.add_argument("--linear-epochs", type=int,
+                    help="FTRL's and BOPR's passes over the day in the retrain")
+    ap.add_argument("--max-ne-regression", type=float,
+                    help="the rule's margin (default: learn.max_ne_regression's default)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--quick", action="store_true", help="--rate 0.3 (~26k a day)")
     ap.add_argument("--json", action="store_true", help="one JSON object last")
@@ -222,7 +235,8 @@ def main() -> None:
     rate = 0.3 if args.quick else args.rate
     print("$ python bench/retrain.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     print(f"{os.cpu_count()} CPUs, torch threads {args.threads}")
-    out = run(args.days, rate, args.seed, args.emb_order)
+    out = run(args.days, rate, args.seed, args.emb_order, args.max_ne_regression,
+              args.linear_epochs)
     report(out)
     if args.json:
         print(orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY).decode())

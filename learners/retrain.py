@@ -52,7 +52,10 @@ What it does, in order (`retrain`):
    was current when the retrain started. When the learn flow published one of its periodic
    versions meanwhile, publish over it (the learn flow then continues from ours); when
    another retrain did, refuse. The version replaced expires after ``keep_days`` (the learn
-   flow's own periodic ones after ``online_keep_hours``, as the learn flow does).
+   flow's own periodic ones after ``online_keep_hours``, as the learn flow does). The learn
+   flow, on finding our version current, loads it and learns again what it archived since
+   the day's end (``OnlineTrainer.replay_since``): the retrain saw the day, not the hour or
+   two after it, and nothing learned online is dropped.
 
 Same archive, same ``seed`` and same base version: the same model state, byte for byte
 (``Models.to_bytes``; tests/test_retrain.py checks it).
@@ -134,6 +137,7 @@ class RetrainSettings:
     max_ne_regression: float = 0.005
     online_keep_hours: float = 2.0  # how long a learn flow's version replaced stays readable
     emb_order: str = "time"  # the embedding model's order in `train_epoch` (EMB_ORDERS)
+    linear_epochs: int = 1  # FTRL's and BOPR's passes over the training set
 
 
 @dataclass
@@ -325,12 +329,14 @@ def _note_items(models: Models, examples: list[dict]) -> None:
 
 
 def train_epoch(models: Models, table: pa.Table, seed: int,
-                progress: Callable[..., Any] | None = None, emb_order: str = "time") -> int:
+                progress: Callable[..., Any] | None = None, emb_order: str = "time",
+                linear_epochs: int = 1) -> int:
     """One pass over ``table``'s rows (in event-time order): FTRL and BOPR learn each batch
-    of ``retrain_batch_size`` in the order ``permutation(seed)``; the embedding model trains
-    every parameter (rows and dense part) on the same examples in event-time order
-    (``emb_order="time"``, as it learns online) or in the shuffled order too ("shuffled").
-    Returns the examples learned (after downsampling)."""
+    of ``retrain_batch_size`` in the order ``permutation(seed)`` (``linear_epochs`` passes,
+    each in an order of its own); the embedding model trains every parameter (rows and dense
+    part) once on the same examples in event-time order (``emb_order="time"``, as it learns
+    online) or in the first pass's shuffled order ("shuffled"). Returns the examples
+    learned (after downsampling)."""
     if emb_order not in EMB_ORDERS:
         raise ValueError(f"emb_order must be one of {EMB_ORDERS}, got {emb_order!r}")
     step = models.settings.retrain_batch_size
@@ -349,11 +355,13 @@ def train_epoch(models: Models, table: pa.Table, seed: int,
         for name, table_ in (("user_id", emb.users), ("item_id", emb.items)):
             table_.observe(table[name].take(kept).to_pylist(), ts)
     dense_version = emb.dense_version
-    passes = (("linear", order),) + ((("emb", kept),) if emb_order == "time" else ())
+    passes = [("linear", order)] + [
+        ("linear", order[np.random.default_rng([seed, k]).permutation(len(order))])
+        for k in range(1, linear_epochs)] + ([("emb", kept)] if emb_order == "time" else [])
     bar = _progress(progress, len(passes) * _batches(len(order), step), "train")
     chunk = step * CHUNK_BATCHES
     try:
-        for what, rows in passes:
+        for p, (what, rows) in enumerate(passes):
             for c, s in enumerate(range(0, len(rows), chunk)):
                 examples = to_examples(table.take(rows[s:s + chunk]))
                 if models.rate < 1:
@@ -369,13 +377,14 @@ def train_epoch(models: Models, table: pa.Table, seed: int,
                         y = np.fromiter((e["label"] for e in part), np.float64, len(part))
                         models.ftrl.learn_many(indptr, indices, y)
                         models.bopr.learn_many(indptr, indices, y)
-                    if emb_order == "shuffled":
+                    if p == 0 and emb_order == "shuffled":
                         # Already in shuffled order; train_epoch shuffles them again within
                         # the chunk, from a seed of its own.
                         emb.train_epoch(examples, batch_size=step, shuffle_seed=seed + 1 + c,
                                         observe=False, checked=True)
-                    _note_items(models, examples)
-                    models.examples += len(examples)
+                    if p == 0:
+                        _note_items(models, examples)
+                        models.examples += len(examples)
                 if bar is not None:
                     bar.update(_batches(len(examples), step))
     finally:
@@ -551,7 +560,7 @@ def retrain(settings: RetrainSettings, date: str | dt.date, store: ModelStore,
     cut = split_holdout(day.examples, settings.holdout_fraction)
     train, holdout = day.table.slice(0, cut), day.table.slice(cut)
     res.train_examples, res.holdout_examples = train.num_rows, holdout.num_rows
-    train_epoch(models, train, seed, progress, settings.emb_order)
+    train_epoch(models, train, seed, progress, settings.emb_order, settings.linear_epochs)
     t = lap("train", t)
 
     y = holdout["label"].to_numpy(zero_copy_only=False).astype(np.float64)

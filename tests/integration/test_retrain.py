@@ -31,16 +31,18 @@ from flows.build import feature_spec, model_settings, model_store, retrain_setti
 from flows.config import GeneratorConfig
 from flows.learn import LearnLogic
 from joiner.events import Impression
-from learners.archive import ExampleArchive
+from learners.archive import ExampleArchive, to_examples
 from learners.metrics import normalized_entropy
 from learners.model import MODELS, Models, ModelSettings
 from learners.publish import ModelStore
 from learners.retrain import (
     find_base,
+    load_day,
     ne_difference_se,
     refusal,
     retrain,
     split_holdout,
+    train_epoch,
 )
 
 MIDNIGHT = 1_700_006_400_000  # 2023-11-15T00:00:00Z
@@ -190,6 +192,33 @@ def test_the_holdout_is_the_last_fraction_by_count():
     assert split_holdout(1000, 0.1) == 900
     assert split_holdout(1000, 0.0) == 1000 and split_holdout(0, 0.1) == 0
     assert split_holdout(5, 0.1) == 5 and split_holdout(6, 0.1) == 5
+
+
+def test_the_embedding_model_learns_the_day_in_event_time_order_and_the_linear_ones_shuffled(
+        one_day, tmp_path):
+    archive = ExampleArchive(tmp_path / "archive", fsync=False)
+    archive.append(one_day.examples[:8000])
+    table = load_day(archive, DAY).table
+    train, probe = table.slice(0, 6000), to_examples(table.slice(6000))
+
+    def trained(**kw) -> Models:
+        models = Models(ModelSettings(hash_bits=16), FeatureSpec())
+        assert train_epoch(models, train, seed=0, **kw) == 6000
+        return models
+
+    online = Models(ModelSettings(hash_bits=16), FeatureSpec())
+    examples = to_examples(train)
+    for s in range(0, len(examples), 512):  # as online, with the corrected labels
+        online.emb.learn_batch(examples[s:s + 512], checked=True)
+    once, twice = trained(), trained(linear_epochs=2)
+    assert np.array_equal(once.emb.predict_batch(probe), online.emb.predict_batch(probe))
+    assert np.array_equal(twice.emb.predict_batch(probe), online.emb.predict_batch(probe))
+    shuffled = trained(emb_order="shuffled")
+    assert not np.allclose(shuffled.emb.predict_batch(probe), online.emb.predict_batch(probe))
+    p1, p2 = once.predict(probe), twice.predict(probe)
+    assert np.array_equal(p1["ftrl"], shuffled.predict(probe)["ftrl"])
+    assert not np.allclose(p1["ftrl"], p2["ftrl"]) and not np.allclose(p1["bopr"], p2["bopr"])
+    assert once.examples == twice.examples == 6000  # a second pass is not more examples
 
 
 # -- against Redis --------------------------------------------------------------------------
