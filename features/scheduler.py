@@ -111,6 +111,14 @@ class ShardRouter:
         return sorted(by_shard.items())
 
 
+def _signal(kind: str, value: list) -> tuple:
+    """A waiting signal's value back from JSON: entities as (entity, id) tuples."""
+    if kind == SEEN:
+        ts, impression_id, ids, n = value
+        return ts, impression_id, [tuple(e) for e in ids], n
+    return value[0], [tuple(e) for e in value[1]]
+
+
 def merge_parts(parts: list[tuple[int, bytes]]) -> bytes:
     """One impression's counts from its shards' parts ((shard, JSON)): the entities of each,
     in the order of the shards, so a replay gives the same bytes.
@@ -169,8 +177,10 @@ class PointInTimeScheduler:
         self.changed: set[tuple[str, str]] = set()  # entities whose row is not written yet
         if resume is not None:
             self.counters.restore(resume["counters"])
-            for name in ("watermarks", "waiting", "seq", "newest"):
+            for name in ("watermarks", "seq", "newest"):
                 setattr(self, name, resume[name])
+            self.waiting = [(ts, seq, kind, _signal(kind, value))
+                            for ts, seq, kind, value in orjson.loads(resume["waiting"])]
             self.snapshots = [tuple(s) for s in orjson.loads(resume["snapshots"])]
             self.changed = set(map(tuple, resume.get("changed", ())))
 
@@ -235,6 +245,8 @@ class PointInTimeScheduler:
 
     def state(self) -> dict:
         """A picklable copy to pass back as ``resume``."""
+        # JSON, like the snapshots: on a backlog the waiting signals are most of the input
+        # (waiting for the slowest partition), and pickle's memo work per object showed.
         return {"counters": self.counters.state(), "watermarks": self.watermarks,
-                "waiting": self.waiting, "snapshots": orjson.dumps(self.snapshots),
+                "waiting": orjson.dumps(self.waiting), "snapshots": orjson.dumps(self.snapshots),
                 "seq": self.seq, "newest": self.newest, "changed": list(self.changed)}

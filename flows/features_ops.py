@@ -19,7 +19,6 @@ from features.store import BufferedWriter
 from flows import metrics
 from flows.build import feature_store, feature_writer, redis_client
 from flows.config import Config
-from joiner.join import EXAMPLE
 
 log = logging.getLogger(__name__)
 
@@ -213,19 +212,27 @@ def parts(kv: tuple[str, tuple[int, list[Part]]]) -> list[tuple[str, tuple]]:
     return [(iid, (PIT, (k, n, counts))) for iid, n, counts in out]
 
 
-def attach(state: dict | None, value: tuple) -> tuple[dict | None, list]:
-    """Joins an example with the parts of its point-in-time counts, in whatever order they
-    arrive: once the example and all the parts its impression's shards announced are in."""
-    state = state or {"parts": []}
-    kind, payload = value
-    if kind == PIT:
-        state["parts"].append(payload)
-    else:
-        state[EXAMPLE] = payload
-    got = state["parts"]
-    if EXAMPLE in state and got and len(got) == got[0][1]:
+class AttachLogic(StatefulBatchLogic):
+    """Joins an example (key: its impression id) with the parts of its point-in-time counts,
+    in whatever order they arrive: once the example and all the parts its impression's
+    shards announced are in. A key per impression; its state is immutable (bytes and tuples),
+    so its snapshot is the state itself, not a deep copy."""
+
+    def __init__(self, resume: tuple | None) -> None:
+        self.example, self.parts = resume or (None, ())
+
+    def on_batch(self, values: list) -> tuple[list, bool]:
+        for kind, payload in values:
+            if kind == PIT:
+                self.parts += (payload,)
+            else:
+                self.example = payload
+        got = self.parts
+        if self.example is None or not got or len(got) < got[0][1]:
+            return [], StatefulBatchLogic.RETAIN
         counts = merge_parts([(k, c) for k, _, c in got])
-        example = state[EXAMPLE]
         # example bytes are a compact JSON object: splice the counts in before its '}'
-        return None, [example[:-1] + b',"counts":' + counts + b"}"]
-    return state, []
+        return [self.example[:-1] + b',"counts":' + counts + b"}"], StatefulBatchLogic.DISCARD
+
+    def snapshot(self) -> tuple:
+        return self.example, self.parts

@@ -242,7 +242,7 @@ def build(cfg: Config | str | None = None, until_eof: bool = False) -> Dataflow:
         parts = op.flat_map("parts", counted, fo.parts)
         tagged = op.merge("parts_and_examples", parts,
                           op.map("tag_example", examples, lambda kv: (kv[0], (EXAMPLE, kv[1]))))
-        examples = op.stateful_flat_map("attach_counts", tagged, fo.attach)
+        examples = op.stateful_batch("attach_counts", tagged, fo.AttachLogic)
     topic = cfg.kafka.examples_topic
     out = op.merge("all_out", out,
                    op.map("to_examples", examples, lambda kv: (topic, kv[0], kv[1])))
