@@ -9,9 +9,9 @@ code meaning
 ==== =========================================================================================
 0    done
 1    a service or store failed: Redis unreachable or failing, no feature store or model in
-     it, a schema mismatch, Kafka deliveries not acknowledged, the local stack not starting
-     (`StoreUnavailable`, `MetaMissing`, `SchemaMismatch`, `ModelStoreError`,
-     `DeliveryError`, `StackError`; a doctor check failed)
+     it, a schema or layout mismatch, Kafka deliveries not acknowledged, the local stack not
+     starting (`StoreUnavailable`, `MetaMissing`, `SchemaMismatch`, `LayoutMismatch`,
+     `ModelStoreError`, `DeliveryError`, `StackError`; a doctor check failed)
 2    bad input: the config (`ConfigError`), the arguments, a message (`BadEvent`), no
      archived examples for the date asked for (`NoArchive`), or a model reading count
      features the config does not count (`NotCounted`)

@@ -13,7 +13,7 @@ from ctrstream.cli import main
 from ctrstream.stack import StackError
 from ctrstream.text import age
 from features.spec import NotCounted, split_names
-from features.store import MetaMissing, SchemaMismatch, StoreUnavailable
+from features.store import LayoutMismatch, MetaMissing, SchemaMismatch, StoreUnavailable
 from flows.config import ConfigError
 from flows.kafka import DeliveryError
 from joiner.errors import CtrstreamError
@@ -26,6 +26,7 @@ EXIT_CODES = [
     (StoreUnavailable("Redis failed for 30 s"), 1),
     (MetaMissing("no feature store meta key f:meta"), 1),
     (SchemaMismatch("schema version 2, this reader expects 1"), 1),
+    (LayoutMismatch("written in the hash per entity: run `ctrstream features migrate`"), 1),
     (ModelStoreError("no model published"), 1),
     (DeliveryError("3 messages failed"), 1),
     (StackError("port 6379 is taken"), 1),
