@@ -15,8 +15,8 @@
 [3] Redis memory per embedding row, dim 16 and 32: ours, a field of the version's hash
     (``ModelStore.put_rows``: int64 updated_ms + (dim + 1) float32), as used_memory delta /
     rows and MEMORY USAGE / rows; peer: one string key per row holding the same bytes;
-[4] daily retrain: ``EmbeddingLearner.train_epoch`` and ``Models.train_epoch`` examples/s;
-    peer: the plain torch model, dense part trained too.
+[4] daily retrain: ``EmbeddingLearner.train_epoch`` examples/s (the whole retrain, all three
+    models, is bench/retrain.py); peer: the plain torch model, dense part trained too.
 
     python bench/embeddings.py [--quick] [--examples 200000] [--rate 200] [--seconds 60]
 """
@@ -100,15 +100,7 @@ def retrain(ex: list[dict], repeat: int, batch: int) -> None:
         learner.train_epoch(ex, batch_size=batch, shuffle_seed=0)
         return len(ex) / (time.perf_counter() - t)
 
-    def models() -> float:
-        m = Models(ModelSettings(retrain_batch_size=batch), FeatureSpec())
-        t = time.perf_counter()
-        m.train_epoch(ex, seed=0)
-        return len(ex) / (time.perf_counter() - t)
-
     print(f"    ours EmbeddingLearner.train_epoch  {median_of(repeat, emb):>9,.0f} examples/s")
-    print(f"    ours Models.train_epoch (all 3)    {median_of(repeat, models):>9,.0f} "
-          "examples/s")
     peer = median_of(repeat, lambda: run_peer(ex, batch, train_dense=True))
     print(f"    peer plain torch, dense trained    {peer:>9,.0f} examples/s")
 

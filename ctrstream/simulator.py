@@ -179,19 +179,23 @@ class World:
             ts=ts,
         )
 
-    def logit(self, user, item, position, device, ts) -> np.ndarray:
-        theta = 2 * np.pi * (ts % MS_PER_DAY) / MS_PER_DAY
-        u = self.user_vec[user]
-        half = DIM // 2
-        # Interests drift: the first half of the user vector turns once around per day.
-        c, s = np.cos(theta)[:, None], np.sin(theta)[:, None]
-        x, y = u[:, 0:half:2], u[:, 1:half:2]
-        v = self.item_vec[item]
-        affinity = ((c * x - s * y) * v[:, 0:half:2]).sum(1) + ((s * x + c * y) * v[:, 1:half:2]
-                                                                ).sum(1)
-        affinity += (u[:, half:] * v[:, half:]).sum(1)
+    def logit(self, user, item, position, device, ts, affinity: bool = True) -> np.ndarray:
+        """The true logit; ``affinity=False`` leaves out the user x item affinity term (the
+        best a model that cannot learn the pairs could do: bench/learners.py)."""
+        pair = 0.0
+        if affinity:
+            theta = 2 * np.pi * (ts % MS_PER_DAY) / MS_PER_DAY
+            u = self.user_vec[user]
+            half = DIM // 2
+            # Interests drift: the first half of the user vector turns once around per day.
+            c, s = np.cos(theta)[:, None], np.sin(theta)[:, None]
+            x, y = u[:, 0:half:2], u[:, 1:half:2]
+            v = self.item_vec[item]
+            pair = (((c * x - s * y) * v[:, 0:half:2]).sum(1)
+                    + ((s * x + c * y) * v[:, 1:half:2]).sum(1))
+            pair += (u[:, half:] * v[:, half:]).sum(1)
         hour = (ts % MS_PER_DAY) // 3_600_000
-        return (self.intercept + self.user_bias[user] + self.item_bias[item] + affinity
+        return (self.intercept + self.user_bias[user] + self.item_bias[item] + pair
                 + self.position_effect[position] + self.device_effect[device]
                 + self.hour_effect[hour])
 
