@@ -10,15 +10,23 @@ What it does, in order (`retrain`):
    `learnable`) in event-time order (ties in archive order).
 2. **Warm start** (`find_base`): from the newest version published by a retrain of an
    *earlier* day, not from the current version: the online models have already learned this
-   day, and retraining them on it would learn it twice. None yet (the first day), or one
+   day, and retraining them on it would learn it twice, holdout included, which blinds the
+   rule: such a retrain (one more shuffled epoch over the day, every parameter) scored
+   holdout NE 0.92-0.96 against 0.97-0.98 online and was never refused, while on the next
+   day it was worse than online only for the embedding model (+0.0003, +0.0008;
+   ``bench/retrain.py``, "simplified retrain"). None yet (the first day), or one
    whose hasher differs from the settings (bits, crosses, the count features it reads:
    `incompatible`): fresh models.
 3. **Split**: the last ``holdout_fraction`` of the day's examples (by count, in event time) is
    the holdout; the rest is the training set.
-4. **Train one epoch** (`train_epoch`) on the training set: FTRL and BOPR batch by batch in
-   a shuffled order drawn from ``seed``, the embedding model (rows and dense part) in
-   event-time order, as it learns online (``RetrainSettings.emb_order``). Negatives are
-   downsampled exactly as online (by id, ``negative_sample_rate``). Why not shuffled for the
+4. **Train** (`train_epoch`) on the training set: FTRL and BOPR batch by batch, two passes
+   (``RetrainSettings.linear_epochs``) each in a shuffled order drawn from ``seed``, the
+   embedding model (rows and dense part) once in event-time order, as it learns online
+   (``RetrainSettings.emb_order``). Negatives are downsampled exactly as online (by id,
+   ``negative_sample_rate``). Over 3 simulated days (``python bench/retrain.py``, ~86k
+   examples a day), next-day NE against online only: FTRL -0.0023 and -0.0043, BOPR -0.0013
+   and -0.0034 with two passes (one: -0.0002 / -0.0014 and -0.0005 / -0.0018; three: FTRL
+   -0.0030 / -0.0054, BOPR -0.0010 / -0.0036, for 1.5x the time). Why not shuffled for the
    embedding model too: with its dense part learned online, one shuffled epoch was a lottery
    on the next day (NE 0.9676 to 0.9736 over four shuffle seeds of one simulated day, against
    0.9682 online and 0.9677 in time order), and over 3 simulated days it made the next day
@@ -137,7 +145,7 @@ class RetrainSettings:
     max_ne_regression: float = 0.005
     online_keep_hours: float = 2.0  # how long a learn flow's version replaced stays readable
     emb_order: str = "time"  # the embedding model's order in `train_epoch` (EMB_ORDERS)
-    linear_epochs: int = 1  # FTRL's and BOPR's passes over the training set
+    linear_epochs: int = 2  # FTRL's and BOPR's passes over the training set (see step 4)
 
 
 @dataclass
