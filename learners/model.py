@@ -210,22 +210,29 @@ class Models:
         csr = self.hasher.batch(batch, counts)
         x = self.emb.dense_features(batch, counts if self._shared_counts else None)
         y = np.fromiter((e["label"] for e in batch), np.float64, len(batch))
-        predictions = self.predict(batch, csr, x)
+        if self.rate < 1:
+            predictions = self.predict(batch, csr, x)
+            keep = keep_many([e["impression_id"] for e in batch], y, self.rate)
+            learn = [e if e["label"] else {**e, "sample_rate": self.rate}
+                     for e, k in zip(batch, keep, strict=True) if k]
+            self.ftrl.learn_many(*take_rows(*csr, keep), y[keep])
+            self.bopr.learn_many(*take_rows(*csr, keep), y[keep])
+            self.emb.learn_batch(learn, checked=True, x=x[keep])
+        else:
+            # The hashed learners return each example's prediction made before learning it
+            # (from the weights at its chunk's start): no separate pass to predict.
+            predictions = {"ftrl": self.ftrl.learn_many(*csr, y),
+                           "bopr": self.bopr.learn_many(*csr, y),
+                           "emb": self.emb.predict_batch(batch, x)}
+            self.emb.learn_batch(batch, checked=True, x=x)
+            learn = batch
         keys = slice_keys(batch)
         for name, p in predictions.items():
             self.metrics[name].update_many(p, y, keys)
         if annotate:
             for i, e in enumerate(batch):
                 e["online_p"] = {name: float(p[i]) for name, p in predictions.items()}
-        if self.rate < 1:
-            keep = keep_many([e["impression_id"] for e in batch], y, self.rate)
-            csr, x = take_rows(*csr, keep), x[keep]
-            batch = [e if e["label"] else {**e, "sample_rate": self.rate}
-                     for e, k in zip(batch, keep, strict=True) if k]
-            y = y[keep]
-        self.ftrl.learn_many(*csr, y)
-        self.bopr.learn_many(*csr, y)
-        self.emb.learn_batch(batch, checked=True, x=x)
+        batch = learn
         attrs = self.settings.item_attributes
         for e in batch:
             feats = e.get("features") or {}
