@@ -11,12 +11,13 @@
         every few ms. An event at T is visible at the first poll that shows T or later. The
         peer is a plain consumer tailing `impressions`: the floor any Kafka-fed pipeline pays.
 
-    python bench/features.py [--quick]
+    python bench/features.py [--quick] [--fresh-only] [--rates 2000,5000] [--seconds 30]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,7 @@ import features_store  # noqa: E402
 from ctrstream.produce import produce  # noqa: E402
 from ctrstream.simulator import StreamSpec  # noqa: E402
 from ctrstream.stack import LocalStack, create_topics, free_port  # noqa: E402
+from flows.build import feature_store  # noqa: E402
 from flows.config import Config  # noqa: E402
 
 POLL_S = 0.005
@@ -63,28 +65,45 @@ def _tail_impressions(cfg: Config, stop: threading.Event, lags: list) -> None:
     consumer.close()
 
 
-def _poll_visible(client: redis.Redis, prefix: str, stop: threading.Event, obs: list) -> None:
+def _poll_visible(cfg: Config, stop: threading.Event, obs: list) -> None:
     """(wall ms, newest event ts visible in Redis) every POLL_S. Every written row carries the
-    ts of the newest event the counters had applied, so the hottest keys (the categories) show
-    how far Redis has got."""
-    keys: list[bytes] = []
+    ts of the newest event its counters shard had applied, so the hottest keys (the
+    categories, spread over the shards) show how far Redis has got."""
+    client = redis.Redis.from_url(cfg.redis.url)
+    store, ids = None, []
+    head = f"{cfg.features.store_prefix}:{{category:"
     next_scan = 0.0
     while not stop.is_set():
         if time.monotonic() >= next_scan:
-            keys = list(client.scan_iter(match=f"{prefix}:{{category:*", count=1000))
+            ids = [k.decode()[len(head):-1]
+                   for k in client.scan_iter(match=f"{head}*", count=1000)]
             next_scan = time.monotonic() + 1.0
-        if keys:
-            pipe = client.pipeline(transaction=False)
-            for k in keys:
-                pipe.hget(k, "_ts")
-            seen = [int(v) for v in pipe.execute() if v is not None]
+            if ids and store is None:
+                store = feature_store(cfg)  # its names from the meta key, written by now
+        if ids and store is not None:
+            seen = [r["_ts"] for r in store.get_many("category", ids) if r["_ts"] is not None]
             if seen:
                 obs.append((time.time() * 1000, max(seen)))
         time.sleep(POLL_S)
 
 
-def freshness(rate: float, seconds: float, tmp: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Per-event Redis visibility lag and the tailing consumer's lag, in ms."""
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process and its waited-for children."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def freshness(rate: float, seconds: float, tmp: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Per-event Redis visibility lag and the tailing consumer's lag, in ms, and the flow's
+    figures: the impressions/s the generator reached, the flow's CPU share of one core, its
+    RSS at a third of the run and at the end (MB), and whether it caught up within 30 s."""
     stack = LocalStack(tmp / "stack", free_port(), free_port())
     stack.up()
     flow = None
@@ -99,22 +118,28 @@ def freshness(rate: float, seconds: float, tmp: Path) -> tuple[np.ndarray, np.nd
         flow = subprocess.Popen([sys.executable, "-m", "ctrstream.cli", "--config", str(cfg_path),
                                  "run", "join", "--no-recovery"], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        client = redis.Redis.from_url(cfg.redis.url)
         obs: list = []
         tail_lags: list = []
-        threads = [threading.Thread(target=_poll_visible,
-                                    args=(client, cfg.features.store_prefix, stop, obs)),
+        threads = [threading.Thread(target=_poll_visible, args=(cfg, stop, obs)),
                    threading.Thread(target=_tail_impressions, args=(cfg, stop, tail_lags))]
         for t in threads:
             t.start()
         start_ms = int(time.time() * 1000)
-        produce(cfg, StreamSpec(seed=11, duration_s=seconds, start_ms=start_ms), speed=1.0)
+        rss = []
+        timer = threading.Timer(seconds / 3, lambda: rss.append(_rss_mb(flow.pid)))
+        timer.start()
+        cpu0, t0 = _cpu_s(flow.pid), time.monotonic()
+        sent = produce(cfg, StreamSpec(seed=11, duration_s=seconds, start_ms=start_ms),
+                       speed=1.0)
+        cpu = (_cpu_s(flow.pid) - cpu0) / (time.monotonic() - t0)
+        rss.append(_rss_mb(flow.pid))
         end_ms = start_ms + seconds * 1000
         deadline = time.monotonic() + 30
         while (not obs or obs[-1][1] < end_ms - 2000) and time.monotonic() < deadline:
             if flow.poll() is not None:
                 raise RuntimeError(f"join flow exited: {flow.stderr.read().decode()[-2000:]}")
             time.sleep(0.05)
+        caught_up = bool(obs) and obs[-1][1] >= end_ms - 2000
         stop.set()
         for t in threads:
             t.join()
@@ -134,36 +159,46 @@ def freshness(rate: float, seconds: float, tmp: Path) -> tuple[np.ndarray, np.nd
     seen = at < len(wall)
     lag = wall[at[seen]] - events[seen]
     tail = np.array(tail_lags[int(len(tail_lags) * WARMUP_S / seconds):])
-    return lag, tail
+    c = sent["counts"]
+    return lag, tail, {"imp_per_s": c["impression_messages"] / seconds, "cpu": cpu,
+                       "rss_mb": rss, "caught_up": caught_up}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller runs (a smoke test)")
-    ap.add_argument("--rates", default="200,2000", help="impressions/s for the freshness runs")
+    ap.add_argument("--rates", default="2000,5000", help="impressions/s for the freshness runs")
+    ap.add_argument("--fresh-only", action="store_true", help="only the freshness runs")
     ap.add_argument("--seconds", type=float, default=30.0, help="length of each freshness run")
     args = ap.parse_args()
-    quick = ["--impressions", "20000", "--repeat", "1"] if args.quick else []
-    print("=" * 30, "[core] python bench/features_core.py", " ".join(quick))
-    features_core.main(quick)
-    quick = ["--entities", "10000", "--trials", "200"] if args.quick else []
-    print("\n" + "=" * 30, "[store] python bench/features_store.py", " ".join(quick))
-    features_store.main(quick)
+    if not args.fresh_only:
+        quick = ["--impressions", "20000", "--repeat", "1"] if args.quick else []
+        print("=" * 30, "[core] python bench/features_core.py", " ".join(quick))
+        features_core.main(quick)
+        quick = ["--entities", "10000", "--trials", "200"] if args.quick else []
+        print("\n" + "=" * 30, "[store] python bench/features_store.py", " ".join(quick))
+        features_store.main(quick)
     seconds = 25.0 if args.quick else args.seconds
     print("\n" + "=" * 30, f"[fresh] event-to-Redis freshness, {seconds:.0f} s per rate "
           f"(first {WARMUP_S:.0f} s skipped), store_flush_interval_s "
-          f"{Config().features.store_flush_interval_s}, 4 partitions, 1 process")
+          f"{Config().features.store_flush_interval_s}, 4 partitions, 1 process, "
+          f"{Config().features.shards} counter shards; event time runs at wall-clock speed")
     print("    ms from an event's ts (its send time plus the generator's start-up offset, the "
           "same for both) to\n    visible in Redis, next to readable by a consumer tailing "
           "`impressions`; 'added' is the difference")
-    print(f"    {'imp/s':>7} {'Redis p50':>10} {'p99':>6} {'max':>6}   {'Kafka tail p50':>14}"
-          f" {'p99':>6}   {'added p50':>9} {'p99':>6}")
+    print("    flow CPU: its CPU-seconds per wall second while the generator sent; RSS MB at a "
+          "third of the run -> at its end")
+    print(f"    {'imp/s':>7} {'sent/s':>7} {'Redis p50':>10} {'p99':>6} {'max':>6}   "
+          f"{'Kafka tail p50':>14} {'p99':>6}   {'added p50':>9} {'p99':>6}   {'flow CPU':>8}"
+          f" {'RSS MB':>11} {'caught up':>9}")
     for rate in (float(r) for r in args.rates.split(",")):
         with tempfile.TemporaryDirectory(prefix="bench-fresh-") as tmp:
-            lag, tail = freshness(rate, seconds, Path(tmp))
+            lag, tail, f = freshness(rate, seconds, Path(tmp))
         (r50, r99), (k50, k99) = np.percentile(lag, [50, 99]), np.percentile(tail, [50, 99])
-        print(f"    {rate:>7,.0f} {r50:>10,.0f} {r99:>6,.0f} {lag.max():>6,.0f}   {k50:>14,.0f}"
-              f" {k99:>6,.0f}   {r50 - k50:>9,.0f} {r99 - k99:>6,.0f}")
+        rss = " -> ".join(f"{m:,.0f}" for m in f["rss_mb"])
+        print(f"    {rate:>7,.0f} {f['imp_per_s']:>7,.0f} {r50:>10,.0f} {r99:>6,.0f} "
+              f"{lag.max():>6,.0f}   {k50:>14,.0f} {k99:>6,.0f}   {r50 - k50:>9,.0f} "
+              f"{r99 - k99:>6,.0f}   {f['cpu']:>8.2f} {rss:>11} {str(f['caught_up']):>9}")
 
 
 if __name__ == "__main__":
