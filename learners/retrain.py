@@ -98,7 +98,7 @@ from features.spec import FeatureSpec
 from joiner.errors import CtrstreamError
 from learners.archive import ONLINE_P, ExampleArchive, to_examples
 from learners.metrics import ProgressiveMetrics, log_loss, normalized_entropy
-from learners.model import MODELS, Models, ModelSettings, trained_spec
+from learners.model import MICRO_BATCH, MODELS, Models, ModelSettings, trained_spec
 from learners.publish import ModelStore, PublishConflict
 from learners.sampling import keep_many
 
@@ -342,9 +342,9 @@ def train_epoch(models: Models, table: pa.Table, seed: int,
     """One pass over ``table``'s rows (in event-time order): FTRL and BOPR learn each batch
     of ``retrain_batch_size`` in the order ``permutation(seed)`` (``linear_epochs`` passes,
     each in an order of its own); the embedding model trains every parameter (rows and dense
-    part) once on the same examples in event-time order (``emb_order="time"``, as it learns
-    online) or in the first pass's shuffled order ("shuffled"). Returns the examples
-    learned (after downsampling)."""
+    part) once on the same examples in event-time order and in the learn flow's micro-batches
+    (``emb_order="time"``, as it learns online) or in the first pass's shuffled order
+    ("shuffled"). Returns the examples learned (after downsampling)."""
     if emb_order not in EMB_ORDERS:
         raise ValueError(f"emb_order must be one of {EMB_ORDERS}, got {emb_order!r}")
     step = models.settings.retrain_batch_size
@@ -376,8 +376,8 @@ def train_epoch(models: Models, table: pa.Table, seed: int,
                     examples = [e if e["label"] else {**e, "sample_rate": models.rate}
                                 for e in examples]
                 if what == "emb":
-                    for b in range(0, len(examples), step):  # the table is `learnable` rows
-                        emb.learn_batch(examples[b:b + step], checked=True)
+                    for b in range(0, len(examples), MICRO_BATCH):  # `learnable` rows
+                        emb.learn_batch(examples[b:b + MICRO_BATCH], checked=True)
                 else:
                     for b in range(0, len(examples), step):
                         part = examples[b:b + step]

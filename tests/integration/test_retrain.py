@@ -33,7 +33,7 @@ from flows.learn import LearnLogic
 from joiner.events import Impression
 from learners.archive import ExampleArchive, to_examples
 from learners.metrics import normalized_entropy
-from learners.model import MODELS, Models, ModelSettings
+from learners.model import MICRO_BATCH, MODELS, Models, ModelSettings
 from learners.publish import ModelStore
 from learners.retrain import (
     find_base,
@@ -208,8 +208,8 @@ def test_the_embedding_model_learns_the_day_in_event_time_order_and_the_linear_o
 
     online = Models(ModelSettings(hash_bits=16), FeatureSpec())
     examples = to_examples(train)
-    for s in range(0, len(examples), 512):  # as online, with the corrected labels
-        online.emb.learn_batch(examples[s:s + 512], checked=True)
+    for s in range(0, len(examples), MICRO_BATCH):  # as online, with the corrected labels
+        online.emb.learn_batch(examples[s:s + MICRO_BATCH], checked=True)
     once, twice = trained(), trained(linear_epochs=2)
     assert np.array_equal(once.emb.predict_batch(probe), online.emb.predict_batch(probe))
     assert np.array_equal(twice.emb.predict_batch(probe), online.emb.predict_batch(probe))
