@@ -157,8 +157,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "retrain", help="daily full retrain of one day of archived examples",
         description="Reads the day's examples from the archive (data_dir/archive, late clicks "
-                    "applied), warm-starts from the previous retrain's version, trains every "
-                    "model one epoch on all but the day's last learn.holdout_fraction, "
+                    "applied), warm-starts from the previous retrain's version, trains on "
+                    "all but the day's last learn.holdout_fraction (FTRL and BOPR two "
+                    "shuffled passes, the embedding model one pass in time order), "
                     "compares it there with the online models and publishes it as a new "
                     "version unless it is worse by more than learn.max_ne_regression. "
                     "Exit 0 published, 1 Redis/store error, 2 no archive for the date, "
