@@ -191,14 +191,17 @@ class FeatureHasher:
         """The bias, field, feature and cross indices of one example (no counts)."""
         out = [0]
         feats = example.get("features") or _EMPTY
-        field_index = self._field_index
+        field_index, caches = self._field_index, self._field_cache
         for f in self.fields:
             v = example.get(f)
             if v is not None:
                 out.append(field_index(f, v))
         for k, v in feats.items():
             if v is not None:
-                out.append(field_index(k, v))
+                # the cache read inline (the common case), field_index on a miss
+                c = caches.get(k)
+                i = c.get(v) if c is not None else None
+                out.append(i if i is not None else field_index(k, v))
         for cross in self.crosses:
             values = []
             for f in cross:

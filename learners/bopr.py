@@ -32,9 +32,9 @@ every example is scored with the beliefs at the chunk's start, each coordinate's
 the sum of its examples' steps and its variance by the product of their factors
 ``1 - var_i w / S^2`` (so it stays positive). The chunk length adapts the same way (from 1,
 doubling up to ``max_batch`` while a chunk moves its examples' scores by less than 0.1 on
-average, halving above 0.3). On the first 300k examples of bench/learners.py's 3-day
-stream: one at a time NE 0.9678 at 29k examples/s; chunks of up to 64 NE 0.9681 at 166k/s
-(up to 256: 0.9686, 193k/s).
+average, halving above 0.3). On bench/learners.py's 1M-example 3-day stream: one at a time
+NE 0.9543 at ~25k examples/s (the figure of issue 16); chunks of up to 64 NE 0.9543 at 174k/s,
+up to 256 NE 0.9544 at 238k/s (first 300k: 0.9678 one at a time, 0.9681 / 0.9686 chunked).
 
 >>> import numpy as np
 >>> model = BOPR(beta=1.0, prior_variance=0.1, bits=4)
@@ -128,7 +128,7 @@ class BOPR:
         prior_variance: float = 0.01,
         bits: int = 20,
         dynamics_epsilon: float = 0.0,
-        max_batch: int = 64,
+        max_batch: int = 256,
     ):
         if beta <= 0 or prior_variance <= 0:
             raise ValueError("beta and prior_variance must be > 0")
@@ -296,7 +296,7 @@ class BOPR:
             raise ValueError(f"not a BOPR state of version {STATE_VERSION}")
         model = cls(
             state["beta"], state["prior_variance"], int(state["bits"]), state["dynamics_epsilon"],
-            int(state.get("max_batch", 64)),
+            int(state.get("max_batch", 256)),
         )
         model.chunk = int(state.get("chunk", 1))
         size = 1 << model.bits
