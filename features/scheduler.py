@@ -31,6 +31,7 @@ DONE = 2**62  # the watermark of a partition that has reached the end of its inp
 
 # [(entity, id, {feature: count}, as of ts)] for the feature store
 Rows = list[tuple[str, str, dict[str, int], int]]
+SHARD_CACHE = 200_000  # entities whose shard a router remembers
 # (impression id, parts expected, JSON of {entity: {feature: count}}): one shard's part
 Part = tuple[str, int, bytes]
 
@@ -73,13 +74,20 @@ class ShardRouter:
             raise ValueError(f"shards must be >= 1, got {shards}")
         self.spec, self.shards = spec, shards
         self.sent: dict[int, int] = {}  # partition -> the watermark last sent to every shard
+        # (entity, id) -> shard, for the busy entities: hashing showed in the profile. Cleared
+        # when full, so it holds the recently seen ones.
+        self._shard_of: dict[tuple[str, str], int] = {}
 
     def split(self, ids: list[tuple[str, str]]) -> dict[int, list[tuple[str, str]]]:
         """The entities ``ids`` by the shard owning each."""
         out: dict[int, list] = {}
-        n = self.shards
+        n, known = self.shards, self._shard_of
         for key in ids:
-            k = shard_of(key[0], key[1], n) if n > 1 else 0
+            k = known.get(key)
+            if k is None:
+                if len(known) >= SHARD_CACHE:
+                    known.clear()
+                k = known[key] = shard_of(key[0], key[1], n) if n > 1 else 0
             part = out.get(k)
             if part is None:
                 out[k] = [key]

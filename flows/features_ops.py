@@ -98,6 +98,7 @@ class ProcessCounters:
         self._writer: BufferedWriter | None = None
         self.entities: dict[int, int] = {}
         self.signals = 0
+        self.reported = (-1, -1)  # (signals, rows written) when last reported
         self.stats_path = Path(cfg.data_dir) / "join" / f"counters-{os.getpid()}.json"
 
     @property
@@ -120,6 +121,11 @@ class ProcessCounters:
         return self._writer
 
     def report(self) -> None:
+        """Once per epoch's end, whichever shard's snapshot comes first (and at the end)."""
+        now = (self.signals, self.writer.written)
+        if now == self.reported:
+            return
+        self.reported = now
         metrics.features_report(entities=sum(self.entities.values()),
                                 writes=self.writer.written)
         metrics.write_json(self.stats_path, {"signals": self.signals,
