@@ -78,7 +78,9 @@ def _ne(x: float | None) -> str:
 def summary(res: RetrainResult, cfg: Config) -> str:
     head = {"published": f"published version {res.version}"
                          + (f" (was {res.previous})" if res.previous else ""),
-            "refused": "REFUSED: not published",
+            "refused": "REFUSED: not published"
+                       + (f" (written as version {res.version}, the next day's warm start)"
+                          if res.version else ""),
             "conflict": f"NOT PUBLISHED: version {res.version} left unpublished",
             "dry_run": "dry run: not published"
                        + (" (would be refused)" if res.reason else " (would be published)")}

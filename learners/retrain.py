@@ -54,7 +54,13 @@ What it does, in order (`retrain`):
 6. **Refuse** (`refusal`) when, for any model, retrained NE > online NE +
    ``max_ne_regression``; also when the rule cannot be applied (no holdout, no positive in
    it, online predictions missing for most of it) or when a retrain of a later day already
-   exists (publishing this one would go back in time). ``force`` publishes anyway.
+   exists (publishing this one would go back in time). ``force`` publishes anyway. A
+   refused retrain's models are still written, as a version never published (meta
+   ``refused``: the reason; it expires after ``keep_days``), the next day's warm start:
+   from fresh models instead, that retrain would lose to online models that have learned
+   every day so far, and be refused too (``python bench/retrain.py --max-ne-regression 0``:
+   the second day's, warm-started from nothing, was worse on its holdout by 0.0012-0.0060
+   and on the next day by 0.0008-0.0046).
 7. **Publish** (`publish`): ``Models.write_version`` (source ``"retrain"``, parent the warm
    start) under a new version namespace, then one pointer flip expecting the version that
    was current when the retrain started. When the learn flow published one of its periodic
@@ -290,7 +296,8 @@ def retrain_versions(store: ModelStore) -> list[tuple[str, dict]]:
 
 
 def find_base(store: ModelStore, before: str) -> tuple[str, dict] | tuple[None, None]:
-    """The newest version written by a retrain of a day before ``before``, and its meta."""
+    """The newest version written by a retrain of a day before ``before`` (published or
+    not: a refused one too), and its meta."""
     for version, meta in retrain_versions(store):
         if str(meta.get("date", "")) < before:
             return version, meta
@@ -314,9 +321,10 @@ def incompatible(meta: Mapping, models: Models) -> str | None:
 
 
 def later_retrain(store: ModelStore, date: str) -> tuple[str, str] | None:
-    """(version, date) of a retrain of a day after ``date``, if one is still in the store."""
+    """(version, date) of a retrain of a day after ``date`` that was not refused, if one is
+    still in the store."""
     for version, meta in retrain_versions(store):
-        if str(meta.get("date", "")) > date:
+        if str(meta.get("date", "")) > date and not meta.get("refused"):
             return version, str(meta["date"])
     return None
 
@@ -609,26 +617,35 @@ def retrain(settings: RetrainSettings, date: str | dt.date, store: ModelStore,
     res.reason = "; ".join(reasons) or None
     res.models = models
 
+    def extra() -> dict:
+        res.elapsed_s = round(time.perf_counter() - t_start, 3)
+        return {"date": date, "train_examples": res.train_examples,
+                "holdout_examples": res.holdout_examples, "positives": res.positives,
+                "late_positives": res.late_positives, "ne_online": res.ne_online,
+                "ne_retrained": res.ne_retrained, "ne_retrained_frozen":
+                res.ne_retrained_frozen, "ne_difference_se": res.ne_difference_se,
+                "evaluation": evaluation, "seed": seed, "forced": res.forced,
+                "refusal_overridden": res.reason if res.forced else None,
+                "refused": None if res.forced else res.reason, "elapsed_s": res.elapsed_s}
+
     if dry_run:
         res.status = "dry_run"
     elif res.reason and not force:
         res.status = "refused"
+        if later is None:
+            # Written, not published: the next day's retrain warm-starts from it. Else that
+            # one would start from fresh models, lose to online models that have learned
+            # every day so far, and be refused too, and so on every day after
+            # (bench/retrain.py --max-ne-regression 0 showed the second day's).
+            res.version = models.write_version(store, SOURCE, parent=res.base, extra=extra())
+            t = lap("write", t)
     else:
         if res.reason:
             res.forced = True
             log.warning("retrain %s: publishing despite: %s (--force)", date, res.reason)
-        res.elapsed_s = round(time.perf_counter() - t_start, 3)
-        extra = {"date": date, "train_examples": res.train_examples,
-                 "holdout_examples": res.holdout_examples, "positives": res.positives,
-                 "late_positives": res.late_positives, "ne_online": res.ne_online,
-                 "ne_retrained": res.ne_retrained, "ne_retrained_frozen":
-                 res.ne_retrained_frozen, "ne_difference_se": res.ne_difference_se,
-                 "evaluation": evaluation, "seed": seed,
-                 "forced": res.forced, "refusal_overridden": res.reason if res.forced else None,
-                 "elapsed_s": res.elapsed_s}
         try:
             res.version, res.previous, res.published_over = publish(
-                store, models, base=res.base, expected=expected, extra=extra,
+                store, models, base=res.base, expected=expected, extra=extra(),
                 online_keep_days=settings.online_keep_hours / 24)
             res.status = "published"
         except RetrainConflict as e:

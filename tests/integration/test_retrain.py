@@ -37,6 +37,7 @@ from learners.model import MICRO_BATCH, MODELS, Models, ModelSettings
 from learners.publish import ModelStore
 from learners.retrain import (
     find_base,
+    later_retrain,
     load_day,
     ne_difference_se,
     refusal,
@@ -287,7 +288,16 @@ def test_a_model_worse_than_the_online_one_is_refused_unless_forced(configs, tmp
     assert f"{DAY} not published: worse than the online models on the holdout" in err
     for m in MODELS:  # each model named, with both figures
         assert f"{m}: retrained NE 0." in err and "> online NE 0." in err
-    assert store.current() is None and store.versions() == []
+    # Written, never published: the next day's retrain warm-starts from it.
+    assert store.current() is None
+    [refused] = store.versions()
+    assert f"written as version {refused['version']}, the next day's warm start" in out
+    meta = store.get_meta(refused["version"])
+    assert meta["refused"].startswith("worse than the online models") and not meta["forced"]
+    assert find_base(store, "2023-11-16")[0] == refused["version"]
+    assert find_base(store, DAY) == (None, None)
+    # Nor does a refused retrain of a later day make this day's "go back in time".
+    assert later_retrain(store, "2023-11-14") is None
 
     assert run_cli(cfg, tmp_path, "--date", DAY, "--force") == 0
     out = capsys.readouterr().out
