@@ -310,7 +310,18 @@ def main() -> None:
         for name, (f, sec, _) in res.items():
             out.setdefault("rows", {})[name] = {**{k: v for k, v in f.items()},
                                                 "eps": n / sec if sec else None}
-        print(json.dumps(out, default=float))
+        print(json.dumps(_json_safe(out)))
+
+
+def _json_safe(x):
+    """NaN (a figure with nothing to measure) as null: strict JSON readers refuse NaN."""
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, float | np.floating):
+        return None if np.isnan(x) else float(x)
+    return x
 
 
 if __name__ == "__main__":
