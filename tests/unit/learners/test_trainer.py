@@ -11,7 +11,7 @@ import pickle
 import orjson
 
 from learners.archive import ExampleArchive
-from learners.trainer import COUNTS, OnlineTrainer, RecentIds
+from learners.trainer import COUNTS, OnlineTrainer, RecentIds, day_end_ms
 
 DAY0 = 1_700_006_400_000
 NEVER = 1e9  # s: no push and no version is due during a test
@@ -184,3 +184,25 @@ def test_next_due_is_the_earlier_of_push_and_version(tmp_path):
     assert t.next_due() == 5.0
     t.on_time(4.9)  # nothing due: no Redis call (the store is None)
     assert (t.next_push, t.next_version) == (5.0, 9.0)
+
+
+# -- replay after a version switch ------------------------------------------------------------
+
+
+def test_replay_since_learns_the_archived_learnable_examples_from_then_in_event_time_order(
+        tmp_path):
+    t = make_trainer(tmp_path)
+    boundary = DAY0 + 86_400_000
+    late = [example(i, ts=boundary + 1000 - 10 * i) for i in range(50)]  # arrive newest first
+    t.on_batch(records([example(1000 + i, ts=boundary - 500 + i) for i in range(10)]
+                       + late + [example(2000, ts=boundary + 5, quarantined=True)]))
+    t.models = FakeModels()  # the retrained version: has learned nothing since the boundary
+    assert t.replay_since(boundary) == 50  # also reads what was not flushed yet
+    assert t.models.learned == [f"i{i}" for i in reversed(range(50))]  # by ts, not arrival
+    assert t.counts["learned"] == 60  # counts are of the input: a replay is not input
+    assert "online_p" not in t.models.batches[0][0]  # predicted afresh, not the archived ones
+
+
+def test_day_end_is_the_next_utc_midnight():
+    assert day_end_ms("2023-11-14") == DAY0  # 2023-11-15T00:00Z
+    assert day_end_ms("2023-11-15") == DAY0 + 86_400_000
