@@ -465,13 +465,15 @@ def _ne_table(preds: dict[str, dict[str, np.ndarray]], y: np.ndarray,
 @pytest.mark.slow
 def test_two_days_retrain_at_the_boundary_beats_online_only_on_day_two(configs, tmp_path):
     """Day 1 is learned by the learn flow's own logic (in-process, no Kafka), which archives
-    it with its progressive predictions; `ctrstream retrain` runs at the day boundary (with
-    day 1's late clicks in); the learn flow notices the new version and continues from it
-    on day 2. Beside it, the day-1 online models continue on day 2 without a retrain. Both
-    are scored progressively on day 2's first 6 hours."""
+    it with its progressive predictions, and so is day 2's first hour; then `ctrstream
+    retrain` runs on day 1 (with its late clicks in), and the learn flow notices the new
+    version, replays that hour into it from the archive and continues from it. Beside it,
+    the day-1 online models continue on day 2 without a retrain. Both are scored
+    progressively on day 2's hours after the switch."""
     t0 = time.perf_counter()
     hours = 6
     day2 = MIDNIGHT + MS_PER_DAY
+    switch = day2 + 3_600_000
     sim = simulate(MIDNIGHT, 86_400 + hours * 3600, 1.5, seed=11)
     cfg = configs(hash_bits=20, push_interval_s=1e6, snapshot_interval_s=1e6,
                        log_interval_s=1e6)
@@ -481,6 +483,8 @@ def test_two_days_retrain_at_the_boundary_beats_online_only_on_day_two(configs, 
     logic.snapshot()  # an epoch ends: the archive is flushed
     online_only = Models.from_bytes(model_settings(cfg), feature_spec(cfg),
                                     logic.trainer.models.to_bytes())
+    first_hour = [e for e in sim.examples if day2 <= e["ts"] < switch]
+    _feed(logic, _stream(sim, day2, switch))  # the retrain runs after the day has ended
     t_day1 = time.perf_counter()
 
     assert run_cli(cfg, tmp_path, "--date", DAY) == 0
@@ -491,12 +495,16 @@ def test_two_days_retrain_at_the_boundary_beats_online_only_on_day_two(configs, 
     logic.trainer.next_push = 0  # the learn flow's next push finds the pointer moved ...
     logic.on_notify()
     assert logic.trainer.version == retrained  # ... and continues from the retrain's version
+    # ... after learning day 2's first hour again: the retrain saw none of it.
+    assert logic.trainer.models.examples == (store.get_meta(retrained)["examples"]
+                                             + len(first_hour))
 
-    day2_examples = [e for e in sim.examples if e["ts"] >= day2]
+    online_only.learn([dict(e) for e in first_hour])
+    day2_examples = [e for e in sim.examples if e["ts"] >= switch]
     p_true = sim.p[len(sim.examples) - len(day2_examples):]
     copies = [dict(e) for e in day2_examples]
     online_only.learn(copies, annotate=True)
-    _feed(logic, _stream(sim, day2, day2 + hours * 3_600_000))
+    _feed(logic, _stream(sim, switch, day2 + hours * 3_600_000))
     logic.snapshot()
     learned = {e["impression_id"]: e for e in archive_of(cfg).read_examples("2023-11-16")}
     y = np.array([e["label"] for e in day2_examples], np.float64)
@@ -504,7 +512,7 @@ def test_two_days_retrain_at_the_boundary_beats_online_only_on_day_two(configs, 
              "retrained": {m: np.array([learned[e["impression_id"]]["online_p"][m]
                                         for e in day2_examples]) for m in MODELS}}
     ne = _ne_table(preds, y, p_true)
-    print(f"\nday 2, first {hours} h: {len(y):,} examples, {int(y.sum()):,} positive; "
+    print(f"\nday 2, hours 1-{hours}: {len(y):,} examples, {int(y.sum()):,} positive; "
           f"progressive NE (labels as joined)")
     print(f"| {'model':<5} | online only | retrained at the boundary |")
     for m in MODELS:
