@@ -619,7 +619,13 @@ def retrain(settings: RetrainSettings, date: str | dt.date, store: ModelStore,
 
     def extra() -> dict:
         res.elapsed_s = round(time.perf_counter() - t_start, 3)
-        return {"date": date, "train_examples": res.train_examples,
+        # Where the learn flow's current version read `examples` up to, and its counts: a
+        # learn flow started without its recovery state from our version reads on from
+        # there, after replaying what it archived since the day's end (learners/trainer.py).
+        current = store.current()
+        through = store.get_meta(current) if current is not None else None
+        return {**{k: through[k] for k in ("offsets", "counts") if through and k in through},
+                "date": date, "train_examples": res.train_examples,
                 "holdout_examples": res.holdout_examples, "positives": res.positives,
                 "late_positives": res.late_positives, "ne_online": res.ne_online,
                 "ne_retrained": res.ne_retrained, "ne_retrained_frozen":

@@ -6,7 +6,10 @@ back as dead letters, archives examples, quarantined examples and late-click cor
 event day for the daily retrain, learns in batches, pushes what changed into the current
 model version every ``push_interval_s`` and publishes a whole new version every
 ``snapshot_interval_s`` and at the end of input. When another publisher (the daily retrain)
-makes a version current, it continues from that version. Redis outages hold it back (every
+makes a version current, it continues from that version, after learning again what it
+archived since the end of the retrained day (`replay_since`); so does a trainer started
+without a recovery state from a retrain's version, which reads on from the offsets of the
+online version the retrain replaced. Redis outages hold it back (every
 Redis call goes through `features.store.until_done`), never crash it.
 
 It knows no stream processor: the caller hands it batches of (partition, offset, raw bytes),
@@ -140,6 +143,10 @@ class OnlineTrainer:
                 self.counts.update(meta.get("counts") or {})
                 self.offsets = {int(p): o for p, o in (meta.get("offsets") or {}).items()}
                 log.info("learn: continuing from model version %s", version)
+                if meta.get("source") != "online" and meta.get("date"):
+                    # A retrain's: its offsets are the online version's it replaced, which
+                    # had learned past the retrained day; learn that part again.
+                    self.replay_since(day_end_ms(str(meta["date"])))
         now = clock()
         self.next_push, self.next_version = now + push_interval_s, now + snapshot_interval_s
 
@@ -278,6 +285,8 @@ class OnlineTrainer:
                         if why_not_learnable(e) is None]
             for e in examples:
                 e.pop("online_p", None)  # the archive keeps the predictions made the first time
+                # Read again from the topic (a start from a retrain's offsets): a duplicate.
+                self.dedup.seen(e["impression_id"], e["ts"])
             n += self.models.learn(examples, checked=True)["examples"]
         log.info("learn: replayed %s examples archived since %s into version %s", f"{n:,}",
                  day_of(ts_ms) if ts_ms % DAY_MS == 0 else ts_ms, self.version)

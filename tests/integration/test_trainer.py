@@ -11,9 +11,10 @@ import numpy as np
 import orjson
 import pytest
 
-from flows.build import feature_spec, model_settings, model_store
+from flows.build import feature_spec, model_settings, model_store, retrain_settings
 from flows.learn import trainer
 from learners.model import Models
+from learners.retrain import retrain
 
 pytestmark = pytest.mark.integration
 
@@ -181,3 +182,24 @@ def test_following_a_retrain_replays_the_archive_since_the_retrained_days_end(cf
     t.on_batch(batch(5000, 10))  # and learns on from there
     assert t.models.learned[len(since):] == [f"i{i}" for i in range(5000, 5010)]
 
+
+
+def test_a_start_from_a_retrained_version_replays_since_its_day_and_reads_on_from_there(cfg):
+    store = model_store(cfg, name=cfg.learn.store_name)
+    t = trainer(cfg)
+    day_end = DAY0 + 86_400_000
+    recs = [(0, k, orjson.dumps({**orjson.loads(r[2]), "ts": day_end + (k - 100) * 10_000}))
+            for k, r in enumerate(batch(0, 300))]  # 100 before the day's end, 200 after
+    t.on_batch(recs)
+    t.end_of_input()  # the learn flow's last version: read through offset 300
+    res = retrain(retrain_settings(cfg), "2023-11-15", store, t.archive, force=True)
+    assert res.status == "published" and store.current() == res.version
+    assert store.get_meta(res.version)["offsets"] == {"0": 300}
+
+    again = trainer(cfg)  # the learn flow started without its recovery state
+    assert again.version == res.version and again.offsets == {0: 300}
+    assert again.models.examples == res.models.examples + 200  # what came after the day
+    assert again.counts["learned"] == 300
+    again.on_batch(recs[150:])  # read again (offsets older than that): duplicates
+    assert again.models.examples == res.models.examples + 200
+    assert again.counts["duplicates"] == 150
