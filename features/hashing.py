@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from operator import itemgetter
 
@@ -243,14 +244,13 @@ class FeatureHasher:
                     vals.extend(getter(c))
                 except KeyError:
                     vals.extend([c.get(k, 0) for k in names])
-        try:
-            a = np.array(vals) if vals else np.zeros(0, np.int64)
-        except (TypeError, ValueError, OverflowError):
+        try:  # array("q") takes ints (bools too, as _raw does) and refuses anything else
+            a = np.frombuffer(array("q", vals), np.int64)
+        except (TypeError, OverflowError):
             return None
-        # Any float, string or None makes another dtype; bools are ints here as in _raw.
-        if a.dtype.kind not in "iub" or (a.size and (a.min() < 0 or a.max() >= 1 << 53)):
+        if a.size and (a.min() < 0 or a.max() >= 1 << 53):
             return None
-        return a.astype(np.int64).reshape(len(examples), len(self._count_table))
+        return a.reshape(len(examples), len(self._count_table))
 
     def _ctr_indices(self, counts: Mapping, out: list[int]) -> None:
         prior = self.ctr_prior
