@@ -50,6 +50,11 @@ bench: install
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk >/dev/null; }
 	$(BIN)/python bench/produce.py
 	$(BIN)/python bench/join.py
+	@# The Pathway peer of bench/pipeline.py, in a virtualenv of its own (its dependencies
+	@# are not the project's); never made by `make test`.
+	@test -x $(VENV)/peers/bin/python || $(PYTHON) -m venv $(VENV)/peers
+	$(VENV)/peers/bin/python -m pip install -q pathway==0.33.0 redis==8.1.0
+	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/features.py
 	$(BIN)/python bench/learners.py
 	$(BIN)/python bench/publish.py

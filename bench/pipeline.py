@@ -7,12 +7,13 @@ per run: input events/s (wall time, start-up included), input events per CPU-sec
 flow's processes (user + system of everything the run started), and at `-p 2` the share of
 the counter signals the busier process handled (1.0: one process counts everything). Beside
 them the peer: the same five-entity windowed counts in Pathway, written to the same Redis
-(bench/peers/pathway_counts.py; `make bench` installs Pathway, `make test` never does).
+(bench/peers/pathway_counts.py, in .venv/peers, which `make bench` makes; `make test` never
+installs Pathway).
 
     python bench/pipeline.py [--impressions 300000] [--quick] [--json]
 
---quick: a 40k-impression backlog, under 3 minutes. --json: one JSON object printed last with
-``off_eps_p1``, ``on_eps_p1``, ``on_eps_per_cpu_s_p1``, ``on_eps_per_cpu_s_p2``,
+--quick: a 40k-impression backlog, no peer, under 3 minutes. --json: one JSON object printed
+last with ``off_eps_p1``, ``on_eps_p1``, ``on_eps_per_cpu_s_p1``, ``on_eps_per_cpu_s_p2``,
 ``signal_share_p2`` (the larger process's share, 16 shards), ``peer_eps`` (null without
 Pathway) and every run's figures.
 """
@@ -20,7 +21,6 @@ Pathway) and every run's figures.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import resource
 import subprocess
 import sys
@@ -73,15 +73,18 @@ def run_flow(cfg: Config, tmp: Path, name: str, features: bool, processes: int,
     return {"wall_s": wall, "cpu_s": cpu, "signals": signals}
 
 
+PEERS_PYTHON = ROOT / ".venv" / "peers" / "bin" / "python"  # made by `make bench`
+
+
 def run_peer(cfg: Config, tmp: Path, n_events: int) -> dict | None:
-    """The Pathway peer over the same topics, or None when Pathway is not installed."""
-    if importlib.util.find_spec("pathway") is None:
+    """The Pathway peer over the same topics and Redis, or None without its virtualenv."""
+    if not PEERS_PYTHON.exists():
         return None
     path = tmp / "peer.toml"
     path.write_text(cfg.replace(features={"store_prefix": "fpeer"}).to_toml())
     cpu0, t0 = _cpu_children(), time.perf_counter()
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "peers" / "pathway_counts.py"),
-                          str(path), str(n_events)], cwd=ROOT, capture_output=True)
+    out = subprocess.run([str(PEERS_PYTHON), str(ROOT / "bench" / "peers" / "pathway_counts.py"),
+                          str(path), str(n_events)], cwd=ROOT, capture_output=True, timeout=900)
     wall, cpu = time.perf_counter() - t0, _cpu_children() - cpu0
     if out.returncode != 0:
         raise RuntimeError(out.stderr.decode()[-3000:])
@@ -109,7 +112,9 @@ def main() -> None:
             c = manifest["counts"]
             n = c["impression_messages"] + c["click_messages"]
             results = {name: run_flow(cfg, tmp, name, *rest) for name, *rest in RUNS}
-            peer = run_peer(cfg, tmp, n)
+            # Pathway's Kafka reader took ~14 messages per 100 ms step on this broker (5,139
+            # in 28 s): too slow for --quick's three minutes.
+            peer = None if args.quick else run_peer(cfg, tmp, n)
         finally:
             stack.down()
     print(f"join flow over a backlog of {n:,} input events ({n_imp:,} impressions), "
@@ -133,7 +138,7 @@ def main() -> None:
           f"(events/s); on at -p 2 / -p 1: "
           f"{f['on_p2']['eps_per_cpu_s'] / f['on_p1']['eps_per_cpu_s']:.2f} (events/CPU-s)")
     if peer is None:
-        print("    (no Pathway peer: `make bench` installs it)")
+        print("    (no Pathway peer: not in --quick; `make bench` makes .venv/peers with it)")
     if args.json:
         print(orjson.dumps({
             "events": n, "off_eps_p1": f["off_p1"]["eps"], "on_eps_p1": f["on_p1"]["eps"],
