@@ -61,3 +61,18 @@ def test_every_example_is_predicted_before_it_is_learned(rate):
         models.learn(batch, annotate=True)
         np.testing.assert_allclose([e["online_p"]["emb"] for e in batch], want["emb"],
                                    rtol=0, atol=1e-6)
+
+
+def test_each_push_carries_the_changed_rows_and_the_dense_block():
+    models = Models(ModelSettings(hash_bits=16, emb_dim=4, emb_fallback_rows=16), FeatureSpec())
+    data = synthetic(1200)
+    models.changes(full=True)
+    models.learn(data[:600])
+    first = models.changes()["emb"]
+    np.testing.assert_array_equal(first["dense"], models.emb.dense_weights())
+    assert first["user"].ids and first["item"].ids and not first["user"].full
+    assert models.changes()["emb"]["dense"] is None  # nothing learned since: nothing to send
+    before = first["dense"]
+    models.learn(data[600:])
+    second = models.changes()["emb"]
+    assert second["dense"] is not None and not np.array_equal(second["dense"], before)
