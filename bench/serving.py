@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"ctrstream serve did not start: {proc.stderr.read()[-2000:]}")
             time.sleep(0.1)
 
+        # the first /score loads the model (about a second); the pool's scorers share it
+        httpx.post(base + "/score", json=bodies[0], timeout=60).raise_for_status()
         use_wrk = shutil.which("wrk") is not None
         print(f"[2] HTTP, closed loop, {args.seconds:.0f} s per line, load from "
               + ("wrk" if use_wrk else "httpx (no wrk: apt-get install wrk)")

@@ -36,6 +36,7 @@ from flows.build import feature_spec, feature_store, model_store
 from flows.build import scorer as make_scorer
 from flows.config import Config
 from joiner.errors import CtrstreamError
+from learners.scorer import LoadedVersion
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,8 @@ def create_app(cfg: Config, scorers: int = 4) -> Starlette:
     where = redact_url(cfg.redis.url)
     entities = sorted(spec.entities)
     stores = Pool(lambda: feature_store(cfg), scorers)
-    scoring = Pool(lambda: make_scorer(cfg), scorers)
+    loaded = LoadedVersion()  # the model, loaded once for every scorer of the pool
+    scoring = Pool(lambda: make_scorer(cfg, loaded), scorers)
     models = Pool(lambda: model_store(cfg), 2)
 
     def check_entity(entity: str) -> None:

@@ -24,7 +24,7 @@ from learners.publish import ModelStore
 if TYPE_CHECKING:  # imported where used: they import torch, which the join flow never needs
     from learners.model import ModelSettings
     from learners.retrain import RetrainSettings
-    from learners.scorer import Scorer
+    from learners.scorer import LoadedVersion, Scorer
 
 
 def feature_spec(cfg: Config) -> FeatureSpec:
@@ -122,12 +122,14 @@ def retrain_settings(cfg: Config) -> RetrainSettings:
                            online_keep_hours=lc.online_keep_hours)
 
 
-def scorer(cfg: Config) -> Scorer:
-    """A scorer on the current model version, with the counts the join flow writes."""
+def scorer(cfg: Config, shared: LoadedVersion | None = None) -> Scorer:
+    """A scorer on the current model version, with the counts the join flow writes; scorers
+    given one ``shared`` load each version once between them."""
     from learners.scorer import Scorer
 
     spec = feature_spec(cfg)
-    return Scorer(model_store(cfg), feature_store(cfg, spec.feature_names()), spec)
+    return Scorer(model_store(cfg), feature_store(cfg, spec.feature_names()), spec,
+                  shared=shared)
 
 
 def wait_window_joiner(cfg: Config, name: str = "", signals: bool = False) -> WaitWindowJoiner:

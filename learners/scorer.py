@@ -22,6 +22,7 @@ feature store) does not count is refused with `NotCounted` naming them.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -40,13 +41,44 @@ from learners.sampling import recalibrate
 _UNSEEN = object()  # an item whose attributes were never read (not even as absent)
 
 
+class LoadedVersion:
+    """The model version a process's scorers share: a copy is read-only once loaded, so the
+    scorers of a server's threads load each (version, generation) once between them, not once
+    each (a load reads every weight and row: about a second for the default model)."""
+
+    def __init__(self) -> None:
+        self.copy: VersionCopy | None = None
+        self.loads = 0
+        self._lock = threading.Lock()
+
+    def get(self, models: ModelStore, version: str, generation: int | None) -> VersionCopy:
+        """The copy of ``version`` at ``generation`` or later, loaded if there is none."""
+        copy = self.copy
+        if not _fresh(copy, version, generation):
+            with self._lock:  # the others wait for the one load
+                copy = self.copy
+                if not _fresh(copy, version, generation):
+                    copy = self.copy = models.load(version)
+                    self.loads += 1
+        return copy
+
+
+def _fresh(copy: VersionCopy | None, version: str, generation: int | None) -> bool:
+    if copy is None or copy.version != version:
+        return False
+    return generation is None or (copy.generation is not None and copy.generation >= generation)
+
+
 class Scorer:
-    """Not thread-safe: one scorer per thread (it keeps the model and the attributes seen)."""
+    """Not thread-safe: one scorer per thread (it keeps the attributes seen); the scorers of
+    one process may share the model through one `LoadedVersion`."""
 
     def __init__(self, models: ModelStore, features: FeatureStore, spec: FeatureSpec,
-                 *, attributes_kept: int = 100_000) -> None:
+                 *, attributes_kept: int = 100_000, shared: LoadedVersion | None = None
+                 ) -> None:
         self.models, self.features, self.spec = models, features, spec
         self.attributes_kept = attributes_kept
+        self._shared = LoadedVersion() if shared is None else shared
         self._meta: dict | None = None
         self.version: str | None = None
         self._copy: VersionCopy | None = None
@@ -70,9 +102,8 @@ class Scorer:
         if pointer is None:
             raise ModelStoreError(f"no model published in {self.models.prefix} yet "
                                   "(run the learn flow, or the daily retrain)")
-        copy = self._copy
-        if copy is None or pointer != copy.version or generation != copy.generation:
-            copy = self.models.load(pointer)
+        copy = self._shared.get(self.models, pointer, generation)
+        if copy is not self._copy:
             self._use_meta(pointer, copy.meta)
             self._copy, self.version = copy, pointer
             self.loads += 1

@@ -11,6 +11,7 @@ import redis
 
 from flows.build import feature_spec, feature_store, model_settings, model_store, scorer
 from learners.model import Models
+from learners.scorer import LoadedVersion
 from tests.integration.test_embeddings_cli import synthetic
 
 CONTEXT = {"device": "mobile", "position": 2, "hour": 20}
@@ -103,6 +104,23 @@ def test_one_round_trip_per_score_and_new_versions_and_pushes_picked_up(setup, m
     n = trips.n
     s.score("u1", items, CONTEXT)
     assert trips.n == n + 1 and s.loads == 3
+
+
+def test_scorers_sharing_a_loaded_version_load_it_once(setup):
+    """As the HTTP server's threads do: each version and each push loaded once between them,
+    and every scorer's scores still the learner's."""
+    cfg, models, store, version, records = setup
+    shared = LoadedVersion()
+    scorers = [scorer(cfg, shared) for _ in range(3)]
+    items = [f"i{k}" for k in range(10)]
+    for s in scorers:
+        check_equal(s, models, ["u1"], items)
+    assert shared.loads == 1 and {s.loads for s in scorers} == {1}
+    models.learn(records[400:500])
+    models.push(store, version)
+    for s in scorers:
+        check_equal(s, models, ["u2"], items)
+    assert shared.loads == 2 and {s.version for s in scorers} == {version}
 
 
 def test_new_attributes_cost_one_more_round_trip_and_are_used(setup, monkeypatch):
