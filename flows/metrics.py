@@ -210,6 +210,15 @@ def _learn_families(learn: dict):
             fam.add_metric([model, "all"], s[what])
             fam.add_metric([model, "recent"], s[f"window_{what}"])
         yield fam
+    by = GaugeMetricFamily(
+        "ctrstream_learn_calibration_by_slice", "Mean prediction / observed CTR since the "
+        "start, in each slice (position, hour); NaN while a slice has no click",
+        labels=["model", "slice", "value"])
+    for model, s in learn["metrics"].items():
+        for name, values in (s.get("calibration_by") or {}).items():
+            for k, v in enumerate(values):
+                by.add_metric([model, name, str(k)], v)
+    yield by
     try:
         yield GaugeMetricFamily("ctrstream_model_version", "The model version the learn flow "
                                 "writes into (the Redis pointer's)", int(learn["version"]))
