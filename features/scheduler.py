@@ -183,13 +183,28 @@ class PointInTimeScheduler:
         self.seq = 0
         self.newest = 0  # the newest event time counted: rows are as of it
         self.changed: set[tuple[str, str]] = set()  # entities whose row is not written yet
+        # After a push, `waiting` holds exactly the signals after counted_to, `snapshots` the
+        # impressions after snapped_to (both only go up). So `state` encodes each entry once,
+        # in the chunk of the epoch it came in, keeps a chunk while it has an entry still
+        # held, and a resume drops the entries a chunk holds that were done since.
+        self.counted_to = self.snapped_to = -DONE
+        self._chunks: dict[str, list[tuple[int, bytes]]] = {"waiting": [], "snapshots": []}
+        self._new: dict[str, list[tuple]] = {"waiting": [], "snapshots": []}
         if resume is not None:
             self.counters.restore(resume["counters"])
-            for name in ("watermarks", "seq", "newest"):
+            for name in ("watermarks", "seq", "newest", "counted_to", "snapped_to"):
                 setattr(self, name, resume[name])
-            self.waiting = [(ts, seq, kind, _signal(kind, value))
-                            for ts, seq, kind, value in orjson.loads(resume["waiting"])]
-            self.snapshots = [tuple(s) for s in orjson.loads(resume["snapshots"])]
+            for blob in resume["waiting"]:
+                entries = orjson.loads(blob)
+                self._chunks["waiting"].append((max(e[0] for e in entries), blob))
+                self.waiting += [(ts, seq, kind, _signal(kind, value))
+                                 for ts, seq, kind, value in entries if ts > self.counted_to]
+            for blob in resume["snapshots"]:
+                entries = orjson.loads(blob)
+                self._chunks["snapshots"].append((max(e[0] for e in entries), blob))
+                self.snapshots += [tuple(e) for e in entries if e[0] > self.snapped_to]
+            heapq.heapify(self.waiting)
+            heapq.heapify(self.snapshots)
             self.changed = set(map(tuple, resume.get("changed", ())))
 
     def push(self, *batches: list) -> list[Part]:
@@ -198,13 +213,16 @@ class PointInTimeScheduler:
         stale) pile up for `rows`."""
         waiting, snapshots, c = self.waiting, self.snapshots, self.counters
         seq, watermarks = self.seq, self.watermarks
+        new_waiting, new_snapshots = self._new["waiting"], self._new["snapshots"]
         for kind, value in chain.from_iterable(batches):
             if kind == WATERMARK:
                 part, wm = value
                 if wm > watermarks.get(part, wm - 1):
                     watermarks[part] = wm
                 continue
-            heapq.heappush(waiting, (value[0], seq, kind, value))
+            entry = (value[0], seq, kind, value)
+            heapq.heappush(waiting, entry)
+            new_waiting.append(entry)
             seq += 1
         self.seq = seq
         if len(watermarks) < self.partitions:
@@ -226,12 +244,15 @@ class PointInTimeScheduler:
             if kind == SEEN:
                 _, impression_id, ids, n = value
                 c.count_ids(ts, ids)
-                heapq.heappush(snapshots, (ts, seq, impression_id, ids, n))
+                entry = (ts, seq, impression_id, ids, n)
+                heapq.heappush(snapshots, entry)
+                new_snapshots.append(entry)
             else:
                 c.click_ids(ts, value[1])
             if ts > newest:
                 newest = ts
         self.newest = newest
+        self.counted_to, self.snapped_to = limit, low
         self.changed |= c.touched()
         return out
 
@@ -252,9 +273,21 @@ class PointInTimeScheduler:
         return [(e, i, c.values(e, i, newest), newest) for e, i in keys]
 
     def state(self) -> dict:
-        """A picklable copy to pass back as ``resume``."""
-        # JSON, like the snapshots: on a backlog the waiting signals are most of the input
-        # (waiting for the slowest partition), and pickle's memo work per object showed.
+        """A picklable copy to pass back as ``resume``. It is taken every epoch: the held
+        signals and impressions (on a backlog, most of the input, waiting for the slowest
+        partition) are JSON chunks, each encoded once (see ``counted_to``)."""
         return {"counters": self.counters.state(), "watermarks": self.watermarks,
-                "waiting": orjson.dumps(self.waiting), "snapshots": orjson.dumps(self.snapshots),
+                "waiting": self._encoded("waiting", self.counted_to),
+                "snapshots": self._encoded("snapshots", self.snapped_to),
+                "counted_to": self.counted_to, "snapped_to": self.snapped_to,
                 "seq": self.seq, "newest": self.newest, "changed": list(self.changed)}
+
+    def _encoded(self, name: str, done_to: int) -> list[bytes]:
+        """The chunks still holding an entry after ``done_to``, with one more for the entries
+        added since the last call that are."""
+        chunks = [c for c in self._chunks[name] if c[0] > done_to]
+        new = [e for e in self._new[name] if e[0] > done_to]
+        if new:
+            chunks.append((max(e[0] for e in new), orjson.dumps(new)))
+        self._chunks[name], self._new[name] = chunks, []
+        return [blob for _, blob in chunks]
