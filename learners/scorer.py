@@ -93,6 +93,9 @@ class Scorer:
         trained = check_counted(meta, self.spec, f"model version {version}")
         self._hasher = make_hasher(meta)
         self._counts = (tuple(trained.entities), tuple(trained.feature_names()))
+        # the hasher's count matrix is the dense input's too when they read the same counts
+        self._shared_counts = self._hasher.count_features == {
+            e: self._counts[1] for e in self._counts[0]}
         self._meta = meta
         return meta
 
@@ -183,7 +186,8 @@ class Scorer:
         if not examples:
             return []
         meta = self._meta
-        indptr, indices = self._hasher.batch(examples)
+        counts = self._hasher.count_values(examples)  # read once for both
+        indptr, indices = self._hasher.batch(examples, counts)
         rows = csr_rows(indptr)
         m = len(examples)
         w = copy.get_vectors("ftrl", indices)[:, 0].astype(np.float64)
@@ -201,8 +205,8 @@ class Scorer:
         v = _own_or_fallback(copy.get_rows(
             "item", [k for e in examples for k in serving_keys(e["item_id"], n)]))
         dense = copy.get_vectors("dense", np.arange(dense_dim(*self._counts) + 1))
-        p_emb = score_vectors(np.repeat(u, m, axis=0), v, dense_features(examples, *self._counts),
-                              dense[:, 0])
+        x = dense_features(examples, *self._counts, counts if self._shared_counts else None)
+        p_emb = score_vectors(np.repeat(u, m, axis=0), v, x, dense[:, 0])
         return [{"item_id": e["item_id"], "ftrl": float(a), "bopr": float(b),
                  "bopr_std": float(s), "emb": float(c)}
                 for e, a, b, s, c in zip(examples, p_ftrl, p_bopr, np.sqrt(var), p_emb,
