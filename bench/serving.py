@@ -38,7 +38,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.features_store import make_rows, read_peers, used_memory, write_hash  # noqa: E402
-from ctrstream.stack import Component, free_port  # noqa: E402
+from ctrstream.stack import Component, free_port, terminate  # noqa: E402
 from flows.build import (  # noqa: E402
     feature_spec,
     feature_store,
@@ -247,11 +247,7 @@ def main(argv: list[str] | None = None) -> None:
                         f"http_healthz_rps_c{clients}": hz["rps"]})
     finally:
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            terminate(proc)
         server.stop()
     if args.json:
         print(orjson.dumps({k: round(v, 3) for k, v in out.items()}).decode())

@@ -33,6 +33,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def terminate(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    """SIGTERM ``proc``, SIGKILL it if it is still there after ``timeout_s``; reaped either way."""
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def stack_config(cfg: Config, kafka_port: int, redis_port: int) -> Config:
     """``cfg`` with its broker and Redis addresses pointed at a local stack's ports."""
     return cfg.replace(kafka={"bootstrap_servers": f"127.0.0.1:{kafka_port}"},

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ctrstream.stack import REDIS_SERVER, LocalStack, create_topics, free_port
+from ctrstream.stack import REDIS_SERVER, LocalStack, create_topics, free_port, terminate
 from flows.config import Config
 
 
@@ -89,12 +89,7 @@ def cluster_node(tmp_path):
         yield port
     finally:
         client.close()
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from ctrstream.stack import free_port
+from ctrstream.stack import free_port, terminate
 from flows.build import feature_spec, feature_store, model_settings, model_store, scorer
 from learners.model import Models
 from tests.integration.test_embeddings_cli import CONTEXT, synthetic
@@ -75,12 +75,7 @@ def served(stack_cfg, tmp_path_factory):
         yield http, cfg, fwd, proc
     finally:
         http.close()
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
         fwd.stop()
 
 
