@@ -354,8 +354,11 @@ class FeatureStore:
         """Decode packed rows in bulk; absent rows and rows of an older version read as
         missing, a newer version raises."""
         size, zero = self._row_bytes, self._zero_row
-        out = self._decode(self._unpack(b"".join([r if r is not None and len(r) == size
-                                                  else zero for r in raw])))
+        if None not in raw and set(map(len, raw)) <= {size}:  # all there: no Python loop
+            blob = b"".join(raw)
+        else:  # a stand-in row of version 0 (read as missing) where one is absent or odd
+            blob = b"".join([r if r is not None and len(r) == size else zero for r in raw])
+        out = self._decode(self._unpack(blob))
         if None in out:  # absent, another version or another length
             for i, row in enumerate(out):
                 if row is None:
