@@ -20,7 +20,8 @@ Printed: next-day NE per model for the three tracks, each retrain's status, hold
 when refused, its reason; examples/s of online learning and of the retrain.
 
     python bench/retrain.py [--days 3] [--rate 1.0] [--seed 0] [--emb-order time|shuffled]
-                            [--linear-epochs N] [--max-ne-regression X] [--quick] [--json]
+                            [--linear-epochs N] [--max-ne-regression X]
+                            [--min-gain-se Z|MODEL=Z,...] [--quick] [--json]
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from learners.retrain import (  # noqa: E402
     load_day,
     normalized_entropies,
     online_predictions,
+    parse_min_gain_se,
     refusal,
     retrain,
     split_holdout,
@@ -101,8 +103,10 @@ def from_online(models: Models, archive: ExampleArchive, date: str,
 
 def run(days: int, rate: float, seed: int, emb_order: str = "time",
         max_ne_regression: float | None = None, linear_epochs: int | None = None,
-        log=print) -> dict:
+        min_gain_se: dict[str, float] | None = None, log=print) -> dict:
     settings = RetrainSettings(emb_order=emb_order)  # else the default config's
+    if min_gain_se is not None:
+        settings = dataclasses.replace(settings, min_gain_se=min_gain_se)
     if linear_epochs is not None:
         settings = dataclasses.replace(settings, linear_epochs=linear_epochs)
     if max_ne_regression is not None:
@@ -126,6 +130,7 @@ def run(days: int, rate: float, seed: int, emb_order: str = "time",
     out: dict = {"days": [], "retrains": [], "simplified": [], "rate": rate, "seed": seed,
                  "emb_order": emb_order, "linear_epochs": settings.linear_epochs,
                  "max_ne_regression": settings.max_ne_regression,
+                 "min_gain_se": settings.min_gain_se,
                  "examples": len(sim.examples)}
     root = tempfile.mkdtemp(prefix="bench-retrain-")
     archive = ExampleArchive(Path(root) / "archive", fsync=False)
@@ -152,19 +157,22 @@ def run(days: int, rate: float, seed: int, emb_order: str = "time",
             out["retrains"].append({k: v for k, v in res.to_dict().items() if k in (
                 "date", "status", "reason", "base", "base_date", "train_examples",
                 "holdout_examples", "holdout_positives", "ne_online", "ne_retrained",
-                "ne_retrained_frozen", "ne_difference_se", "train_examples_per_s",
-                "elapsed_s")})
+                "ne_retrained_frozen", "ne_difference_se", "kept_online",
+                "ne_online_replayed", "train_examples_per_s", "elapsed_s")})
             log(f"retrain {date}: {res.status}" + (f": {res.reason}" if res.reason else "")
                 + f" ({res.elapsed_s:.1f} s)")
+            for m, why in res.kept_online.items():
+                log(f"  {m} keeps its online state: {why}")
             simplified = copy(pipeline, settings)
             out["simplified"].append(from_online(simplified, archive, date, settings, seed))
             why = out["simplified"][-1]["reason"]
             log(f"simplified retrain {date} (from the online state): "
                 + (f"refused: {why}" if why else "not refused"))
             if res.status == "published":
-                pipeline = candidate = res.models
+                pipeline = res.models
+                candidate = pipeline if res.candidates is pipeline else res.candidates
             else:
-                candidate = copy(res.models, settings)
+                candidate = copy(res.candidates, settings)
     finally:
         server.stop()
     return out
@@ -176,18 +184,24 @@ def _f(x) -> str:
 
 def report(out: dict) -> None:
     print("\nNext-day progressive NE (labels as joined; lower is better):\n")
-    print("| day | model | online only | pipeline | candidate (retrain of the day before, "
-          "published or not) | candidate - online | simplified retrain (from the online "
-          "state, shuffled; never published) | simplified - online |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| day | model | online only | pipeline (what was published) | pipeline - online "
+          "| candidate (retrain of the day before, published or not) | candidate - online | "
+          "simplified retrain (from the online state, shuffled; never published) | "
+          "simplified - online |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in out["days"][1:]:
         for m in MODELS:
             on, pipe, cand = row["online"][m], row["pipeline"][m], row["candidate"][m]
             simple = row["simplified"][m]
-            print(f"| {row['date']} | {m} | {on:.4f} | {pipe:.4f} | {cand:.4f} | "
-                  f"{cand - on:+.4f} | {simple:.4f} | {simple - on:+.4f} |")
-    print(f"\nRetrains (the rule: holdout NE, the day's last 10 %, retrained <= online + "
-          f"{out['max_ne_regression']:g}, learn.max_ne_regression):\n")
+            print(f"| {row['date']} | {m} | {on:.4f} | {pipe:.4f} | {pipe - on:+.4f} | "
+                  f"{cand:.4f} | {cand - on:+.4f} | {simple:.4f} | {simple - on:+.4f} |")
+    gain = "".join(f"; {m} only when its NE is below the online one by more than {z:g} "
+                   "paired se" for m, z in out["min_gain_se"].items())
+    print(f"\nRetrains (the rule, model by model on the holdout, the day's last 10 %: a "
+          f"retrained model replaces its online state when its NE is not above the online "
+          f"one by more than {out['max_ne_regression']:g}, learn.max_ne_regression{gain}; "
+          "else the version holds its online state, replayed from the warm start with the "
+          "labels as joined):\n")
     for r in out["retrains"]:
         print(f"- {r['date']}: **{r['status']}**"
               + (f" (warm start: retrain of {r['base_date']})" if r["base"] else
@@ -198,7 +212,10 @@ def report(out: dict) -> None:
         for m in MODELS:
             print(f"    {m:<5} holdout NE online {_f(r['ne_online'].get(m))}, retrained "
                   f"{_f(r['ne_retrained'].get(m))} (frozen {_f(r['ne_retrained_frozen'].get(m))}"
-                  f", 2 se of the difference {_f(2 * r['ne_difference_se'].get(m, math.nan))})")
+                  f", 2 se of the difference {_f(2 * r['ne_difference_se'].get(m, math.nan))}"
+                  f"; online replayed {_f(r['ne_online_replayed'].get(m))})"
+                  + (f": **kept online**: {r['kept_online'][m]}" if m in r["kept_online"]
+                     else ""))
         if r["reason"]:
             print(f"    reason: {r['reason']}")
     print("\nThe simplified retrain (the online state at the day's end, one more shuffled "
@@ -225,6 +242,10 @@ def main() -> None:
                     help="FTRL's and BOPR's passes over the day in the retrain")
     ap.add_argument("--max-ne-regression", type=float,
                     help="the rule's margin (default: learn.max_ne_regression's default)")
+    ap.add_argument("--min-gain-se", type=parse_min_gain_se, metavar="Z|MODEL=Z,...",
+                    help="paired standard errors a model's retrain must gain on the holdout "
+                         "to replace its online state, for every model or by model (default: "
+                         "RetrainSettings', emb=2)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--quick", action="store_true", help="--rate 0.3 (~26k a day)")
     ap.add_argument("--json", action="store_true", help="one JSON object last")
@@ -236,7 +257,7 @@ def main() -> None:
     print("$ python bench/retrain.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     print(f"{os.cpu_count()} CPUs, torch threads {args.threads}")
     out = run(args.days, rate, args.seed, args.emb_order, args.max_ne_regression,
-              args.linear_epochs)
+              args.linear_epochs, args.min_gain_se)
     report(out)
     if args.json:
         print(orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY).decode())

@@ -3,7 +3,13 @@
 models on the day's last hours.
 
     ctrstream retrain [--date YYYY-MM-DD] [--force] [--dry-run] [--json] [--seed N]
-                      [--eval progressive|frozen] [--threads N] [--no-progress]
+                      [--eval progressive|frozen] [--min-gain-se Z] [--threads N]
+                      [--no-progress]
+
+Model by model: a retrained model goes into the version only when it beats its online state
+on the holdout by more than --min-gain-se paired standard errors; else the version holds
+that model's online state, and the summary says why ("keeps online"). Refused when no model
+does.
 
 Exit codes: 0 published (or, with --dry-run, it would be); 1 Redis or the model store
 failed; 2 bad arguments, or no archived examples for the date; 3 refused (worse than the
@@ -14,12 +20,14 @@ published while this one ran.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import functools
 import logging
 import math
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import orjson
@@ -30,7 +38,13 @@ from flows.build import model_store, retrain_settings
 from flows.config import Config
 from learners.archive import ExampleArchive
 from learners.model import MODELS
-from learners.retrain import EVALUATIONS, NoArchive, RetrainResult, retrain
+from learners.retrain import (
+    EVALUATIONS,
+    NoArchive,
+    RetrainResult,
+    parse_min_gain_se,
+    retrain,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +89,10 @@ def _ne(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
 
-def summary(res: RetrainResult, cfg: Config) -> str:
+def summary(res: RetrainResult, cfg: Config,
+            min_gain_se: Mapping[str, float] | None = None) -> str:
+    if min_gain_se is None:
+        min_gain_se = retrain_settings(cfg).min_gain_se
     head = {"published": f"published version {res.version}"
                          + (f" (was {res.previous})" if res.previous else ""),
             "refused": "REFUSED: not published"
@@ -104,8 +121,17 @@ def summary(res: RetrainResult, cfg: Config) -> str:
             se = res.ne_difference_se.get(m, float("nan"))
             lines.append(f"    {m:<11} {_ne(on):>8} {_ne(new):>10} {new - on:>+8.4f} "
                          f"{2 * se:>7.4f}   (frozen {_ne(res.ne_retrained_frozen.get(m))})")
-        lines.append(f"  rule          retrained NE <= online NE + "
-                     f"{cfg.learn.max_ne_regression:g} for each model ({res.evaluation})")
+        gain = "".join(f", {m} NE < online NE - {z:g} paired se"
+                       for m, z in min_gain_se.items())
+        lines.append(f"  rule          per model: retrained NE <= online NE + "
+                     f"{cfg.learn.max_ne_regression:g}{gain} ({res.evaluation}); else the "
+                     "model keeps its online state")
+        for m in MODELS:
+            if m in res.kept_online and not res.forced:
+                lines.append(f"  keeps online  {res.kept_online[m]}"
+                             + (f" (replayed online NE "
+                                f"{_ne(res.ne_online_replayed.get(m))})"
+                                if res.ne_online_replayed else ""))
     if res.reason:
         lines.append(f"  {'overridden' if res.forced else 'reason':<13} {res.reason}")
     if res.published_over:
@@ -137,7 +163,10 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         log.warning("retrain %s: %s", date, pending)
     progress = None if args.no_progress else functools.partial(
         tqdm, file=sys.stderr, unit="batch", dynamic_ncols=True, disable=None)
-    res = retrain(retrain_settings(cfg), date, model_store(cfg), archive, seed=args.seed,
+    settings = retrain_settings(cfg)
+    if args.min_gain_se is not None:
+        settings = dataclasses.replace(settings, min_gain_se=args.min_gain_se)
+    res = retrain(settings, date, model_store(cfg), archive, seed=args.seed,
                   force=args.force, dry_run=args.dry_run, evaluation=args.eval,
                   progress=progress)
     if pending:
@@ -146,13 +175,20 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         sys.stdout.write(orjson.dumps(res.to_dict(), option=orjson.OPT_INDENT_2).decode()
                          + "\n")
     else:
-        print(summary(res, cfg))
+        print(summary(res, cfg, settings.min_gain_se))
     code = EXIT[res.status]
     if res.status == "dry_run" and res.reason:
         code = 3
     if code:
         print(f"ctrstream retrain: {date} not published: {res.reason}", file=sys.stderr)
     return code
+
+
+def _gains(text: str) -> dict[str, float]:
+    try:
+        return parse_min_gain_se(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def register(subparsers) -> None:
@@ -162,8 +198,10 @@ def register(subparsers) -> None:
                     "applied), warm-starts from the previous retrain's version, trains on "
                     "all but the day's last learn.holdout_fraction (FTRL and BOPR two "
                     "shuffled passes, the embedding model one pass in time order), "
-                    "compares it there with the online models and publishes it as a new "
-                    "version unless it is worse by more than learn.max_ne_regression. "
+                    "compares it there with the online models model by model and publishes "
+                    "a new version holding each retrained model that beats its online "
+                    "state by --min-gain-se paired se (the others in their online state), "
+                    "unless none does. "
                     "Exit 0 published, 1 Redis/store error, 2 no archive for the date, "
                     "3 refused, 4 another retrain published meanwhile.")
     p.add_argument("--date", type=_date, metavar="YYYY-MM-DD",
@@ -178,6 +216,12 @@ def register(subparsers) -> None:
                    help="the retrained models' holdout NE the rule uses: predicted just "
                         "before learning each example, as the learn flow does (default), or "
                         "before learning any of the holdout")
+    p.add_argument("--min-gain-se", type=_gains, metavar="Z|MODEL=Z,...",
+                   help="paired standard errors of the holdout NE difference a model's "
+                        "retrain must gain to replace its online state: Z for every model, "
+                        "or by model (default emb=2; a model not named only has to be "
+                        "within learn.max_ne_regression; a negative Z lets a retrain up to "
+                        "Z se worse in)")
     p.add_argument("--threads", type=_positive, default=1, metavar="N",
                    help="torch threads (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

@@ -51,8 +51,16 @@ What it does, in order (`retrain`):
    (A second shuffled epoch over the holdout alone was tried instead: it pulled the
    embedding model's dense part toward the day's last hours and made it worse on the next
    morning.)
-6. **Refuse** (`refusal`) when, for any model, retrained NE > online NE +
-   ``max_ne_regression``; also when the rule cannot be applied (no holdout, no positive in
+6. **Decide model by model** (`model_decisions`), paired on the holdout (same examples, same
+   labels; ``ne_difference_se`` from the per-example log-loss differences): a model's
+   retrain goes into the version unless its NE is above the online one by more than
+   ``max_ne_regression`` or, for a model named in ``min_gain_se`` (default: the embedding
+   model, 2 se; `MIN_GAIN_SE` says why), it is not below it by more than that many paired
+   standard errors ("no measurable gain"). A model that fails keeps its online state in the
+   version (`replay_online`: the warm start learning the day as the learn flow did, labels
+   as joined, same micro-batches; `keep_online`), with its reason in ``kept_online`` and
+   the meta, and printed. One version still holds all three models. **Refuse** when no
+   model passes; also when the rule cannot be applied (no holdout, no positive in
    it, online predictions missing for most of it) or when a retrain of a later day already
    exists (publishing this one would go back in time). ``force`` publishes anyway. A
    refused retrain's models are still written, as a version never published (meta
@@ -116,6 +124,13 @@ MIN_ONLINE_COVERAGE = 0.5  # share of the holdout that must carry the online pre
 PUBLISH_ATTEMPTS = 5  # pointer flips tried while the learn flow keeps publishing
 EVALUATIONS = ("progressive", "frozen")
 EMB_ORDERS = ("time", "shuffled")
+# The embedding model's retrain is its online pass again (time order, micro-batches) with the
+# late clicks relabelled: over 3 simulated days x 3 seeds its next-day NE moved by -0.0007 to
+# +0.0001 against online, below what a holdout of ~300 positives resolves (2 se 0.003-0.005),
+# so it must show a measurable gain. FTRL's and BOPR's two shuffled passes improved the next
+# day in each of those 6 retrains (-0.0011 to -0.0043), by less than the holdout resolves
+# too: a gain requirement would refuse them every day, so only the margin applies.
+MIN_GAIN_SE = {"emb": 2.0}
 
 
 class NoArchive(CtrstreamError, LookupError):
@@ -152,6 +167,10 @@ class RetrainSettings:
     online_keep_hours: float = 2.0  # how long a learn flow's version replaced stays readable
     emb_order: str = "time"  # the embedding model's order in `train_epoch` (EMB_ORDERS)
     linear_epochs: int = 2  # FTRL's and BOPR's passes over the training set (see step 4)
+    # A model named here replaces its online state with its retrain only when its holdout NE
+    # is below the online one by more than this many paired standard errors; the others
+    # only when not above it by more than max_ne_regression (`model_decisions`).
+    min_gain_se: Mapping[str, float] = field(default_factory=lambda: dict(MIN_GAIN_SE))
 
 
 @dataclass
@@ -178,7 +197,8 @@ class Day:
 
 @dataclass
 class RetrainResult:
-    """What a retrain did; ``to_dict`` for JSON. ``status``: "published", "refused" (the
+    """What a retrain did; ``to_dict`` for JSON. ``status``: "published" (``kept_online``:
+    the models published in their online state, and why), "refused" (no model passes the
     rule, or nothing to compare with), "conflict" (another retrain published meanwhile) or
     "dry_run" (evaluated, not published; ``reason`` says why it would have been refused)."""
 
@@ -206,10 +226,16 @@ class RetrainResult:
     ne_retrained_progressive: dict[str, float] = field(default_factory=dict)
     ne_retrained_frozen: dict[str, float] = field(default_factory=dict)
     ne_difference_se: dict[str, float] = field(default_factory=dict)  # of retrained - online
+    # Models whose retrain did not beat their online state: why; the version holds their
+    # online state (`replay_online`) instead. The others: "retrained".
+    kept_online: dict[str, str] = field(default_factory=dict)
+    ne_online_replayed: dict[str, float] = field(default_factory=dict)  # replay's, holdout
     timings_s: dict[str, float] = field(default_factory=dict)
     elapsed_s: float = 0.0
     warnings: list[str] = field(default_factory=list)
-    models: Models | None = field(default=None, repr=False)  # the retrained models
+    models: Models | None = field(default=None, repr=False)  # the models written
+    # The retrained models, each one, whether it was kept or not (`models` when none is).
+    candidates: Models | None = field(default=None, repr=False)
 
     @property
     def train_examples_per_s(self) -> float:
@@ -218,7 +244,7 @@ class RetrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name != "models"}
+               if f.name not in ("models", "candidates")}
         out["train_examples_per_s"] = self.train_examples_per_s
         return out
 
@@ -485,6 +511,94 @@ def refusal(ne_online: Mapping[str, float], ne_retrained: Mapping[str, float],
     return "worse than the online models on the holdout: " + "; ".join(worse)
 
 
+def model_decisions(ne_online: Mapping[str, float], ne_retrained: Mapping[str, float],
+                    se: Mapping[str, float], max_ne_regression: float,
+                    min_gain_se: Mapping[str, float]) -> dict[str, str | None]:
+    """Each model's retrain against its online state on the holdout, paired (same examples,
+    same labels): None when the retrain may replace it, else why not: worse by more than
+    ``max_ne_regression``, or, for a model in ``min_gain_se``, no measurable gain (the NE
+    difference not below ``-min_gain_se[m]`` paired standard errors). A fixed margin alone
+    cannot say the latter: with a few hundred holdout positives, 2 se of the difference is
+    0.003-0.007."""
+    out: dict[str, str | None] = {}
+    for m in MODELS:
+        new, on, e = ne_retrained[m], ne_online[m], se.get(m, float("nan"))
+        d, z = new - on, min_gain_se.get(m)
+        if not new <= on + max_ne_regression:
+            out[m] = (f"{m}: retrained NE {new:.4f} > online NE {on:.4f} + "
+                      f"{max_ne_regression:g} (learn.max_ne_regression)")
+        elif z is not None and not d < -z * e:
+            out[m] = (f"{m}: no measurable gain: retrained NE {new:.4f}, online {on:.4f}, "
+                      f"difference {d:+.4f}, needs < {-z * e:+.4f} ({z:g} paired se of "
+                      f"{e:.4f})")
+        else:
+            out[m] = None
+    return out
+
+
+def parse_min_gain_se(text: str) -> dict[str, float]:
+    """``--min-gain-se``: "2" (every model), "emb=2,ftrl=1" (those models), "" (none)."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, value = part.rpartition("=")
+        if eq and name not in MODELS:
+            raise ValueError(f"unknown model {name!r} in {text!r} (models: "
+                             f"{', '.join(MODELS)})")
+        out.update({name: float(value)} if eq else dict.fromkeys(MODELS, float(value)))
+    return out
+
+
+def replay_online(models: Models, train: pa.Table, holdout: pa.Table
+                  ) -> dict[str, np.ndarray]:
+    """The online state at the day's end, as the learn flow learned the day from the warm
+    start: ``Models.learn`` over the day in event-time order with the labels as joined
+    online (a late click was a negative then), in the same micro-batches as one call over the
+    whole day would make (a chunk of examples decoded at a time ends on a micro-batch
+    boundary: the predictions of the hashed learners are from the weights at their
+    micro-batch's start, and restarting the batches at each chunk changed the holdout NE by
+    up to 0.004 on a simulated day). A model whose retrain is not kept goes into the version
+    in this state; the learn flow replays what it archived since the day's end into it, as
+    into any retrain's. Returns the holdout's progressive predictions (the archived online
+    ones, when the warm start is what the learn flow had: ``ne_online_replayed`` says how
+    close); the metrics restart at the holdout, on its corrected labels, as `learn_holdout`'s
+    do."""
+    table = pa.concat_tables([train, holdout]).combine_chunks()
+    cut, n = train.num_rows, table.num_rows
+    step = models.settings.retrain_batch_size * CHUNK_BATCHES
+    out = {m: np.empty(holdout.num_rows) for m in MODELS}
+    pending: list[dict] = []
+    done = 0  # examples learned
+    for s in range(0, n, step):
+        examples = to_examples(table.slice(s, step))
+        for e in examples:
+            e.pop("online_p", None)
+            if e.get("late_click"):
+                e["label"] = 0
+        pending += examples
+        k, mb = len(pending), models.micro_batch
+        if s + step < n:  # not the last chunk: up to the last whole micro-batch
+            k = 0
+            while k + mb <= len(pending):
+                k, mb = k + mb, min(2 * mb, MICRO_BATCH)
+        models.learn(pending[:k], annotate=True, checked=True)
+        for i in range(max(cut - done, 0), k):
+            for m in MODELS:
+                out[m][done + i - cut] = pending[i]["online_p"][m]
+        done, pending = done + k, pending[k:]
+    y = holdout["label"].to_numpy(zero_copy_only=False)
+    for m in MODELS:
+        models.metrics[m] = ProgressiveMetrics(models.settings.metrics_window)
+        models.metrics[m].update_many(out[m], y)
+    return out
+
+
+def keep_online(models: Models, online: Models, kept: set[str]) -> None:
+    """``models`` with the ``kept`` models (and their metrics) taken from ``online``."""
+    for m in kept:
+        setattr(models, m, getattr(online, m))
+        models.metrics[m] = online.metrics[m]
+
+
 def publish(store: ModelStore, models: Models, *, base: str | None, expected: str | None,
             extra: Mapping, online_keep_days: float,
             attempts: int = PUBLISH_ATTEMPTS) -> tuple[str, str | None, list[str]]:
@@ -609,13 +723,32 @@ def retrain(settings: RetrainSettings, date: str | dt.date, store: ModelStore,
         res.ne_retrained = (res.ne_retrained_progressive if evaluation == "progressive"
                             else res.ne_retrained_frozen)
         res.ne_difference_se = ne_difference_se(rule, online, y, covered)
-        if why := refusal(res.ne_online, res.ne_retrained, settings.max_ne_regression):
-            reasons.append(why)
+        decisions = model_decisions(res.ne_online, res.ne_retrained, res.ne_difference_se,
+                                    settings.max_ne_regression, settings.min_gain_se)
+        res.kept_online = {m: why for m, why in decisions.items() if why}
+        if len(res.kept_online) == len(MODELS):
+            worse = refusal(res.ne_online, res.ne_retrained, settings.max_ne_regression)
+            reasons.append(worse if worse and len(worse.split("; ")) == len(MODELS) else
+                           "no model beats its online state on the holdout: "
+                           + "; ".join(res.kept_online.values()))
     if later := later_retrain(store, date):
         reasons.append(f"version {later[0]} is a retrain of a later day ({later[1]}): "
                        f"publishing {date}'s models would go back in time")
     res.reason = "; ".join(reasons) or None
-    res.models = models
+    res.models = res.candidates = models
+    if res.kept_online and not force:
+        # One version holds all three models: the kept ones in their online state.
+        t = time.perf_counter()
+        replayed = (Models.load(settings.models, settings.spec, store, res.base) if res.base
+                    else Models(settings.models, settings.spec))
+        res.ne_online_replayed = normalized_entropies(
+            replay_online(replayed, train, holdout), y, covered)
+        res.models = models = Models.from_bytes(settings.models, settings.spec,
+                                                models.to_bytes())
+        keep_online(models, replayed, set(res.kept_online))
+        for m in res.kept_online:
+            log.info("retrain %s: %s keeps its online state: %s", date, m, res.kept_online[m])
+        t = lap("replay", t)
 
     def extra() -> dict:
         res.elapsed_s = round(time.perf_counter() - t_start, 3)
@@ -630,6 +763,9 @@ def retrain(settings: RetrainSettings, date: str | dt.date, store: ModelStore,
                 "late_positives": res.late_positives, "ne_online": res.ne_online,
                 "ne_retrained": res.ne_retrained, "ne_retrained_frozen":
                 res.ne_retrained_frozen, "ne_difference_se": res.ne_difference_se,
+                "kept_online": res.kept_online, "retrained_models": [
+                    m for m in MODELS if m not in res.kept_online or res.forced],
+                "ne_online_replayed": res.ne_online_replayed,
                 "evaluation": evaluation, "seed": seed, "forced": res.forced,
                 "refusal_overridden": res.reason if res.forced else None,
                 "refused": None if res.forced else res.reason, "elapsed_s": res.elapsed_s}

@@ -11,6 +11,7 @@ a click after the window but within the late-click horizon.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import time
 import uuid
@@ -39,8 +40,11 @@ from learners.retrain import (
     find_base,
     later_retrain,
     load_day,
+    model_decisions,
     ne_difference_se,
+    parse_min_gain_se,
     refusal,
+    replay_online,
     retrain,
     split_holdout,
     train_epoch,
@@ -119,6 +123,15 @@ def configs(stack_cfg, tmp_path):
             client.delete(*keys[i:i + 1000])
 
 
+def every_retrain(cfg):
+    """The config's retrain settings, with every model's retrain kept however small its
+    gain on the holdout (the tests of publishing, not of the rule)."""
+    return dataclasses.replace(retrain_settings(cfg), min_gain_se={})
+
+
+ANY_GAIN = ("--min-gain-se=",)
+
+
 def archive_of(cfg) -> ExampleArchive:
     return ExampleArchive(Path(cfg.data_dir) / "archive", fsync=False)
 
@@ -189,6 +202,67 @@ def test_the_ne_difference_comes_with_its_paired_standard_error():
     assert se["ftrl"] == pytest.approx(np.std(diffs), rel=0.25)
 
 
+def test_each_model_keeps_its_online_state_unless_its_retrain_passes_the_rule():
+    online = {"ftrl": 0.97, "bopr": 0.97, "emb": 0.96}
+    se = {"ftrl": 0.002, "bopr": 0.002, "emb": 0.0015}
+    # FTRL and BOPR: the margin only; emb: a gain of more than 2 paired se.
+    gains = {"emb": 2.0}
+    ok = model_decisions(online, {"ftrl": 0.974, "bopr": 0.96, "emb": 0.9569}, se, 0.005, gains)
+    assert ok == dict.fromkeys(MODELS)  # emb: -0.0031 < -0.0030
+    out = model_decisions(online, {"ftrl": 0.9751, "bopr": 0.96, "emb": 0.9575}, se, 0.005,
+                          gains)
+    assert out["bopr"] is None
+    assert out["ftrl"] == ("ftrl: retrained NE 0.9751 > online NE 0.9700 + 0.005 "
+                           "(learn.max_ne_regression)")
+    assert out["emb"] == ("emb: no measurable gain: retrained NE 0.9575, online 0.9600, "
+                          "difference -0.0025, needs < -0.0030 (2 paired se of 0.0015)")
+    # A gain required of every model; no standard error (one example): no measurable gain.
+    out = model_decisions(online, dict(online), {}, 0.005, dict.fromkeys(MODELS, 0.0))
+    assert all(out[m].startswith(f"{m}: no measurable gain: ") for m in MODELS)
+    assert parse_min_gain_se("2") == dict.fromkeys(MODELS, 2.0)
+    assert parse_min_gain_se("emb=2, ftrl=-1") == {"emb": 2.0, "ftrl": -1.0}
+    assert parse_min_gain_se("") == {}
+    with pytest.raises(ValueError, match="unknown model 'fm'"):
+        parse_min_gain_se("fm=1")
+
+
+def test_the_online_state_is_replayed_with_the_labels_as_joined(one_day, tmp_path):
+    """``replay_online`` learns the day as the learn flow did: a late click, a positive for
+    the retrain, is learned as the negative it was online."""
+    examples = one_day.examples[:6000]
+    late = {c["impression_id"] for c in one_day.corrections}
+    assert late & {e["impression_id"] for e in examples}
+    tables = []
+    for name, corrections in (("with", one_day.corrections), ("without", [])):
+        archive = ExampleArchive(tmp_path / name, fsync=False)
+        archive.append(examples)
+        archive.append_corrections(corrections)
+        tables.append(load_day(archive, DAY).table)
+    assert tables[0]["label"].to_pylist() != tables[1]["label"].to_pylist()
+    probe = to_examples(tables[0].slice(5000))
+    preds = []
+    for t in tables:
+        models = Models(ModelSettings(hash_bits=16), FeatureSpec())
+        p = replay_online(models, t.slice(0, 5000), t.slice(5000))
+        assert set(p) == set(MODELS) and len(p["emb"]) == 1000
+        assert models.metrics["emb"].n == 1000  # restarted at the holdout
+        preds.append((p, models.predict(probe)))
+    for m in MODELS:
+        assert np.array_equal(preds[0][0][m], preds[1][0][m])
+        assert np.array_equal(preds[0][1][m], preds[1][1][m])
+    # The learn flow's own state: one Models.learn over the day, whatever the chunks the
+    # replay decodes (320 examples here, against micro-batches of 1, 2, 4, ... 256).
+    settings = ModelSettings(hash_bits=16, retrain_batch_size=10)
+    replayed = Models(settings, FeatureSpec())
+    p = replay_online(replayed, tables[1].slice(0, 5000), tables[1].slice(5000))
+    online = Models(settings, FeatureSpec())
+    day = [dict(e) for e in examples]
+    online.learn(day, annotate=True)
+    for m in MODELS:
+        assert np.array_equal(p[m], [e["online_p"][m] for e in day[5000:]])
+    assert np.array_equal(replayed.predict(probe)["emb"], online.predict(probe)["emb"])
+
+
 def test_the_holdout_is_the_last_fraction_by_count():
     assert split_holdout(1000, 0.1) == 900
     assert split_holdout(1000, 0.0) == 1000 and split_holdout(0, 0.1) == 0
@@ -234,13 +308,13 @@ def test_same_archive_seed_and_base_give_the_same_model_bytes(configs, one_day):
     for _ in range(2):
         c = configs(max_ne_regression=1.0)
         store = store_of(c)
-        res = retrain(retrain_settings(c), DAY, store, archive)
+        res = retrain(every_retrain(c), DAY, store, archive)
         assert res.status == "published" and res.base is None, res.reason
         assert store.current() == res.version
         blobs.append(store.get_blob(res.version, "models"))
         assert blobs[-1] == res.models.to_bytes()
     assert blobs[0] == blobs[1]
-    other = retrain(retrain_settings(cfg), DAY, store_of(cfg), archive, seed=1, dry_run=True)
+    other = retrain(every_retrain(cfg), DAY, store_of(cfg), archive, seed=1, dry_run=True)
     assert other.status == "dry_run" and other.models.to_bytes() != blobs[0]
     assert store_of(cfg).versions() == []  # a dry run writes nothing
 
@@ -252,7 +326,7 @@ def test_late_click_corrections_are_positives_for_the_retrain(configs, tmp_path,
     cfg = configs(max_ne_regression=1.0)
     store = store_of(cfg)
     fill(cfg, sim)
-    assert run_cli(cfg, tmp_path, "--date", DAY, "--json") == 0
+    assert run_cli(cfg, tmp_path, "--date", DAY, "--json", *ANY_GAIN) == 0
     res = orjson.loads(capsys.readouterr().out)
     in_window = sum(e["label"] for e in sim.examples)
     assert len(sim.corrections) > 10
@@ -310,6 +384,46 @@ def test_a_model_worse_than_the_online_one_is_refused_unless_forced(configs, tmp
 
 
 @pytest.mark.integration
+def test_a_model_whose_retrain_fails_the_rule_is_published_in_its_online_state(
+        configs, tmp_path, one_day, capsys):
+    # Online FTRL and BOPR predicting the day's mean CTR: their retrains beat that; an online
+    # embedding model predicting the true click probabilities: its retrain cannot.
+    sim = one_day
+    cfg = configs()
+    ctr = float(np.mean([e["label"] for e in sim.examples]))
+    archived = [{**e, "online_p": {"ftrl": ctr, "bopr": ctr, "emb": float(p)}}
+                for e, p in zip(sim.examples, sim.p, strict=True)]
+    fill(cfg, sim, archived)
+    store = store_of(cfg)
+    assert run_cli(cfg, tmp_path, "--date", DAY) == 0
+    out = capsys.readouterr().out
+    version = store.current()
+    assert out.startswith(f"retrain {DAY}: published version {version}")
+    assert "  keeps online  emb: retrained NE 0." in out
+    assert "keeps online  ftrl" not in out and "keeps online  bopr" not in out
+    meta = store.get_meta(version)
+    assert list(meta["kept_online"]) == ["emb"] and meta["retrained_models"] == ["ftrl", "bopr"]
+    assert meta["refused"] is None
+    assert set(meta["ne_online_replayed"]) == set(MODELS)
+
+    # One version, all three models: FTRL and BOPR as retrained, the embedding model as the
+    # learn flow learned the day (replayed from the same start, fresh models here).
+    published = Models.load(model_settings(cfg), feature_spec(cfg), store, version)
+    day = load_day(archive_of(cfg), DAY).table
+    cut = split_holdout(day.num_rows, cfg.learn.holdout_fraction)
+    replayed = Models(model_settings(cfg), feature_spec(cfg))
+    replay_online(replayed, day.slice(0, cut), day.slice(cut))
+    res = retrain(retrain_settings(cfg), DAY, store, archive_of(cfg), dry_run=True)
+    assert res.kept_online.keys() == {"emb"} and res.candidates is not res.models
+    probe = to_examples(day.slice(cut - 2000, 2000))
+    p, r, c = published.predict(probe), replayed.predict(probe), res.candidates.predict(probe)
+    assert np.array_equal(p["emb"], r["emb"]) and not np.allclose(p["emb"], c["emb"])
+    for m in ("ftrl", "bopr"):
+        assert np.array_equal(p[m], c[m])
+    assert meta["metrics"]["emb"]["n"] == res.holdout_examples
+
+
+@pytest.mark.integration
 def test_nothing_to_compare_with_is_a_refusal_that_says_why(configs, one_day):
     sim = one_day
     cfg = configs()
@@ -339,7 +453,7 @@ def _write(store: ModelStore, cfg, source: str, date: str | None) -> str:
 def test_warm_start_is_the_newest_retrain_of_an_earlier_day(configs, one_day):
     sim = one_day
     cfg = configs(max_ne_regression=1.0)
-    lc, store = retrain_settings(cfg), store_of(cfg)
+    lc, store = every_retrain(cfg), store_of(cfg)
     _write(store, cfg, "retrain", "2023-11-13")
     base = _write(store, cfg, "retrain", "2023-11-14")
     _write(store, cfg, "online", None)
@@ -393,7 +507,7 @@ def test_publishes_over_the_learn_flows_version_but_not_another_retrains(
     fill(cfg, sim)
     logic = LearnLogic(cfg, None)  # the learn flow, in-process: publishes its first version
     store = RacingStore(cfg, "online")
-    res = retrain(retrain_settings(cfg), DAY, store, archive_of(cfg))
+    res = retrain(every_retrain(cfg), DAY, store, archive_of(cfg))
     assert res.status == "published" and res.published_over == [store.racer]
     assert store.current() == res.version and res.previous == store.racer
     # The online version replaced expires like the learn flow's own: online_keep_hours.
@@ -409,7 +523,7 @@ def test_publishes_over_the_learn_flows_version_but_not_another_retrains(
     fill(cfg, sim)
     store = RacingStore(cfg, "retrain")
     monkeypatch.setattr("ctrstream.retrain.model_store", lambda *a, **k: store)
-    assert run_cli(cfg, tmp_path, "--date", DAY) == 4
+    assert run_cli(cfg, tmp_path, "--date", DAY, *ANY_GAIN) == 4
     out, err = capsys.readouterr()
     assert store.current() == store.racer
     assert (f"version {store.racer} (a retrain of {DAY}) was made current while this retrain "
