@@ -44,7 +44,11 @@ from joiner.join import (
 
 log = logging.getLogger(__name__)
 
-OUT, SIGNAL = "out", "signal"  # tags of the source's records, beside EXAMPLE
+# The source's records come in the shape their first step takes, so no step re-shapes every
+# record: (topic, key, value) goes to Kafka as it is; (impression id, (EXAMPLE, bytes)) is an
+# example for the attach step (features on; off, it is a (topic, key, value) like the rest);
+# (shard key, (shard, signals)) feeds the counters. One `branch` sends each example on (three
+# filter_maps and a map each cost a Python call and a bytewax hop per record).
 
 
 class _JoinPartition(StatefulSourcePartition):
@@ -127,8 +131,8 @@ class _JoinPartition(StatefulSourcePartition):
                     j.caught_up(self.topics[topic], now)
                     continue
                 log.error("join p%d: kafka error on %s: %s", self.part, topic, err)
-                errors.append((OUT, dead_letter(cfg, topic or "", self.part, None,
-                                                f"kafka error: {err}", None)))
+                errors.append(dead_letter(cfg, topic or "", self.part, None,
+                                          f"kafka error: {err}", None))
                 continue
             self.eof.discard(topic)
             self.on_message(self.topics[topic], msg.value(), msg.offset(), now, out, wall_ms,
@@ -145,7 +149,7 @@ class _JoinPartition(StatefulSourcePartition):
             signals = [(kind, value) for kind, _, value in out if kind in (SEEN, CLICKED)]
             signals.append((WATERMARK, (self.part, DONE if self.done else j.watermark)))
             keys = self.shard_keys
-            records += [(SIGNAL, (keys[k], (k, sig))) for k, sig in self.router.route(signals)]
+            records += [(keys[k], (k, sig)) for k, sig in self.router.route(signals)]
             out = [r for r in out if r[0] not in (SEEN, CLICKED)]
         if self.done or now - self.last_log >= cfg.join.log_interval_s:
             self._report(now)
@@ -164,17 +168,17 @@ class _JoinPartition(StatefulSourcePartition):
             self.joiner.on_click(raw, offset, now, out, wall_ms, key)
 
     def _record(self, r: tuple) -> tuple:
-        """Tags the joiner's output for the flow: OUT (topic, key, value) goes to Kafka as
-        it is; EXAMPLE (id, bytes) may get counts attached first."""
+        """The joiner's output as a flow record (see the shapes above): (topic, key, value)
+        for Kafka, or with features on an example (id, (EXAMPLE, bytes)) to attach counts to."""
         kind, key, value = r
         if kind == DEAD_LETTER:
             topic = (self.cfg.kafka.impressions_topic if value["stream"] == IMPRESSIONS
                      else self.cfg.kafka.clicks_topic)
-            return OUT, dead_letter(self.cfg, topic, self.part, value["offset"],
-                                    value["reason"], value["raw"])
-        if kind == EXAMPLE:
-            return EXAMPLE, (key, value)
-        return OUT, (self.cfg.kafka.examples_topic, key, value)
+            return dead_letter(self.cfg, topic, self.part, value["offset"],
+                               value["reason"], value["raw"])
+        if kind == EXAMPLE and self.joiner.signals:
+            return key, (EXAMPLE, value)
+        return self.cfg.kafka.examples_topic, key, value
 
     def _report(self, now: float) -> None:
         j = self.joiner
@@ -224,27 +228,30 @@ class JoinSource(FixedPartitionedSource):
         return self.partition_class(self.cfg, int(for_part), resume_state, self.until_eof)
 
 
+def _is_example(r: tuple) -> bool:
+    return len(r) == 2 and r[1][0] == EXAMPLE
+
+
 def build(cfg: Config | str | None = None, until_eof: bool = False) -> Dataflow:
     """The join dataflow; ``cfg`` is a Config or a config file path (None: the default)."""
     cfg = cfg if isinstance(cfg, Config) else load_config(cfg)
     flow = Dataflow("join")
     records = op.input("join", flow, JoinSource(cfg, until_eof))
-    out = op.filter_map("passed_on", records, lambda r: r[1] if r[0] == OUT else None)
-    examples = op.filter_map("examples", records, lambda r: r[1] if r[0] == EXAMPLE else None)
     if cfg.features.enabled:
         spec = feature_spec(cfg)
         shared = fo.ProcessCounters(cfg, spec)  # one per process: this runs in each
-        # (shard, (shard, signals)): each shard's counters are a key of their own
-        signals = op.filter_map("signals", records, lambda r: r[1] if r[0] == SIGNAL else None)
+        split = op.branch("examples", records, _is_example)
+        rest = op.branch("signals", split.falses, lambda r: len(r) == 2)
+        # (shard key, (shard, signals)): each shard's counters are a key of their own
         counted = op.stateful_batch(
-            "counters", signals,
+            "counters", rest.trues,
             lambda resume: fo.CountersLogic(cfg, spec, input_partitions(cfg), shared, resume))
         parts = op.flat_map("parts", counted, fo.parts)
-        tagged = op.merge("parts_and_examples", parts,
-                          op.map("tag_example", examples, lambda kv: (kv[0], (EXAMPLE, kv[1]))))
-        examples = op.stateful_batch("attach_counts", tagged, fo.AttachLogic)
-    topic = cfg.kafka.examples_topic
-    out = op.merge("all_out", out,
-                   op.map("to_examples", examples, lambda kv: (topic, kv[0], kv[1])))
-    op.output("kafka_out", out, KafkaRecordSink(cfg))
+        examples = op.stateful_batch("attach_counts",
+                                     op.merge("parts_and_examples", parts, split.trues),
+                                     fo.AttachLogic)
+        topic = cfg.kafka.examples_topic
+        records = op.merge("all_out", rest.falses,
+                           op.map("to_examples", examples, lambda kv: (topic, kv[0], kv[1])))
+    op.output("kafka_out", records, KafkaRecordSink(cfg))
     return flow
