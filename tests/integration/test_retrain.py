@@ -635,4 +635,9 @@ def test_two_days_retrain_at_the_boundary_beats_online_only_on_day_two(configs, 
     print(f"day 1: {sum(1 for e in sim.examples if e['ts'] < day2):,} examples learned online "
           f"in {t_day1 - t0:.1f} s (simulation included); retrain {t_retrain - t_day1:.1f} s; "
           f"total {time.perf_counter() - t0:.1f} s")
-    assert ne["retrained"]["emb"] < ne["online only"]["emb"]
+    kept = store.get_meta(retrained)["kept_online"]
+    print(f"kept in their online state: {kept or 'none'}")
+    if "emb" in kept:  # the day replayed as the learn flow learned it: about online only
+        assert abs(ne["retrained"]["emb"] - ne["online only"]["emb"]) < 0.003
+    else:
+        assert ne["retrained"]["emb"] < ne["online only"]["emb"]
