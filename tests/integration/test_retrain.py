@@ -405,6 +405,8 @@ def test_a_model_whose_retrain_fails_the_rule_is_published_in_its_online_state(
     assert list(meta["kept_online"]) == ["emb"] and meta["retrained_models"] == ["ftrl", "bopr"]
     assert meta["refused"] is None
     assert set(meta["ne_online_replayed"]) == set(MODELS)
+    # Replayed, the embedding model is nowhere near the archived "online" predictions.
+    assert "  warning       emb: its online state replayed from the warm start scores" in out
 
     # One version, all three models: FTRL and BOPR as retrained, the embedding model as the
     # learn flow learned the day (replayed from the same start, fresh models here).
