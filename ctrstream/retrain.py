@@ -12,8 +12,8 @@ that model's online state, and the summary says why ("keeps online"). Refused wh
 does.
 
 Exit codes: 0 published (or, with --dry-run, it would be); 1 Redis or the model store
-failed; 2 bad arguments, or no archived examples for the date; 3 refused (worse than the
-online models, or nothing to compare with; with --dry-run: it would be); 4 another retrain
+failed; 2 bad arguments, or no archived examples for the date; 3 refused (no model passes
+the rule, or nothing to compare with; with --dry-run: it would be); 4 another retrain
 published while this one ran.
 """
 
