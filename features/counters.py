@@ -54,8 +54,6 @@ from array import array
 from bisect import bisect_left, insort
 from heapq import heapify, heappop, heappush
 
-import orjson
-
 from features.spec import FeatureSpec
 
 # Slots of an entity's record (a list, the cheapest mutable container to index). DUE is the
@@ -106,11 +104,6 @@ class EntityCounters:
         # A new entity's first look at its recent events (see _maintain's last line).
         self._due = allowed_lateness_ms + self._slack
         self._zero = dict.fromkeys(names, 0)
-        self._names = tuple(names)
-        self._zeros = [0] * len(names)
-        # An entity's values as a JSON member, filled by one %-format (see snapshot_json).
-        self._json_fmt = {name: orjson.dumps(name) + b":{" + b",".join(
-            orjson.dumps(f) + b":%d" for f in names) + b"}" for name in spec.entities}
         self._entities: dict[str, dict[str, list]] = {name: {} for name in spec.entities}
         self._touched: set[tuple[str, str]] = set()
         # state() encodes only the entities changed since its last call: their records, and
@@ -166,18 +159,6 @@ class EntityCounters:
             e = entities[name].get(eid)
             out[name] = self._zero.copy() if e is None else query(e, ts)
         return out
-
-    def snapshot_json(self, ts: int, ids) -> bytes:
-        """`snapshot_at` as the compact JSON ``orjson.dumps`` makes of it, without the dicts:
-        one %-format per entity (the scheduler sends every impression's part as JSON)."""
-        if not ids:
-            return b"{}"
-        entities, counts, fmt, zeros = self._entities, self._counts, self._json_fmt, self._zeros
-        members = []
-        for name, eid in ids:
-            e = entities[name].get(eid)
-            members.append(fmt[name] % tuple(zeros if e is None else counts(e, ts)))
-        return b"{" + b",".join(members) + b"}"
 
     def clicked(self, imp, click_ts: int) -> None:
         """Count a click on ``imp`` at event time ``click_ts`` for all of its entities."""
@@ -383,39 +364,32 @@ class EntityCounters:
     # -- reading ----------------------------------------------------------------------------
 
     def _query(self, e: list, ts: int) -> dict[str, int]:
-        return dict(zip(self._names, self._counts(e, ts), strict=False))
-
-    def _counts(self, e: list, ts: int) -> list[int]:
-        """The entity's values as of ``ts``, in the order of the spec's feature names."""
         cover, _, imps, clks, tiles, _ = e
-        out = []
-        add = out.append
+        out = {}
         if ts >= cover:
             # Exact head: recent holds every event >= cover, so those before ts are counted
             # and those at or after ts are not, whatever order they arrived in.
             bi, bc = bisect_left(imps, ts), bisect_left(clks, ts)
-            for w, t, r, off, _, _ in self._plan:
+            for w, t, r, off, fi, fc in self._plan:
                 start = ts - w
                 if start >= cover:
-                    add(bi - bisect_left(imps, start))
-                    add(bc - bisect_left(clks, start))
+                    out[fi] = bi - bisect_left(imps, start)
+                    out[fc] = bc - bisect_left(clks, start)
                 elif tiles is None:  # exact mode: what is not held is out of every window
-                    add(bi)
-                    add(bc)
+                    out[fi], out[fc] = bi, bc
                 else:
                     ti, tc = _tiles_after(tiles, self._ntiles, t, r, off, cover, start, False)
-                    add(ti + bi)
-                    add(tc + bc)
+                    out[fi], out[fc] = ti + bi, tc + bc
             return out
-        if tiles is None:
-            return self._zeros.copy()
-        for w, t, r, off, _, _ in self._plan:
+        for w, t, r, off, fi, fc in self._plan:
+            if tiles is None:
+                out[fi] = out[fc] = 0
+                continue
             # Late query: the tile holding ts is left out whole, so nothing at or after ts
             # is counted; the price is an under-count of that tile's part before ts.
             ti, tc = _tiles_after(tiles, self._ntiles, t, r, off, cover, ts - w, False)
             ui, uc = _tiles_after(tiles, self._ntiles, t, r, off, cover, ts, True)
-            add(ti - ui)
-            add(tc - uc)
+            out[fi], out[fc] = ti - ui, tc - uc
         return out
 
 

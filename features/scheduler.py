@@ -237,7 +237,7 @@ class PointInTimeScheduler:
                     next_ts is None or snapshots[0][0] <= next_ts):
                 ts, _, impression_id, ids, n = heapq.heappop(snapshots)
                 # as JSON bytes: bytewax deep-copies keyed state, and bytes copy for free
-                out.append((impression_id, n, c.snapshot_json(ts, ids)))
+                out.append((impression_id, n, orjson.dumps(c.snapshot_at(ts, ids))))
             if next_ts is None:
                 break
             ts, seq, kind, value = heapq.heappop(waiting)

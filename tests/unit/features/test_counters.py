@@ -8,7 +8,6 @@ import pickle
 import random
 from bisect import bisect_left, insort
 
-import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -416,21 +415,3 @@ def test_log_buckets_and_derived():
     assert (got["imp_1h_lb"], got["clk_1h_lb"], got["imp_5m_lb"]) == (6, 2, 0)
     assert got["imp_1h"] == 40
 
-
-
-def test_snapshot_json_is_the_json_of_snapshot_at():
-    """The scheduler's parts come from snapshot_json: the same bytes as orjson of the dicts,
-    for exact entities, tiled ones, late queries and unknown ids."""
-    spec = FeatureSpec(entities={"user": ("user_id",), "item": ("item_id",),
-                                 "u_i": ("user_id", "item_id")},
-                       windows_ms=(60_000, 600_000, 3_600_000))
-    c = EntityCounters(spec, 30_000, exact_events=8)
-    rng, ts = random.Random(1), 10**9
-    for _ in range(20_000):
-        ts += rng.randint(0, 300)
-        ids = rng.sample([("user", str(rng.randint(0, 30))), ("item", str(rng.randint(0, 50))),
-                          ("u_i", str(rng.randint(0, 500)))], rng.randint(0, 3))
-        (c.count_ids if rng.random() < 0.5 else c.click_ids)(ts - rng.randint(0, 60_000), ids)
-        q = ts - rng.randint(0, 200_000)
-        assert c.snapshot_json(q, ids) == orjson.dumps(c.snapshot_at(q, ids))
-    assert c.snapshot_json(ts, []) == b"{}"
