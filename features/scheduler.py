@@ -23,7 +23,7 @@ from itertools import chain
 import orjson
 
 from features.counters import EntityCounters
-from features.spec import FeatureSpec
+from features.spec import ID_SEPARATOR, FeatureSpec
 from joiner.join import CLICKED, SEEN
 
 WATERMARK = "watermark"  # (partition, ts): that partition has joined everything before ts
@@ -37,13 +37,29 @@ Part = tuple[str, int, bytes]
 
 
 def shard_of(entity: str, id: str, shards: int) -> int:
-    """The shard owning an entity: a hash that does not change between processes and runs
-    (Python's own ``hash`` of a str does).
+    """A shard from a hash that does not change between processes and runs (Python's own
+    ``hash`` of a str does).
 
     >>> shard_of("user", "u1", 16), shard_of("user", "u1", 16), shard_of("item", "u1", 16)
     (14, 14, 5)
     """
     return zlib.crc32(f"{entity}\x00{id}".encode("utf-8", "surrogatepass")) % shards
+
+
+def entity_shard(spec: FeatureSpec, entity: str, id: str, shards: int) -> int:
+    """The shard owning an entity: that of the value of its first field, so the entities
+    sharing a first field share a shard (user and user x category; item and item x
+    position): an impression's five entities then touch about 2.8 of 16 shards, not 4.4, and
+    every signal and part the router and the attach step handle is one per shard touched.
+
+    >>> spec = FeatureSpec(entities={"user": ("user_id",), "user_category": (
+    ...     "user_id", "category")}, windows_ms=(60_000,))
+    >>> entity_shard(spec, "user", "u1", 16), entity_shard(spec, "user_category", "u1|c2", 16)
+    (4, 4)
+    """
+    fields = spec.entities[entity]
+    value = id.partition(ID_SEPARATOR)[0] if len(fields) > 1 else id
+    return shard_of(fields[0], value, shards)
 
 
 class ShardRouter:
@@ -65,8 +81,8 @@ class ShardRouter:
     [(0, [('watermark', (0, 500))]), (1, [('watermark', (0, 500))])]
     >>> for shard, signals in r.route([(SEEN, imp), (WATERMARK, (0, 500))]):
     ...     print(shard, signals)
-    2 [('seen', (1000, 'a', [('item', 'x')], 2))]
-    14 [('seen', (1000, 'a', [('user', 'u1')], 2))]
+    4 [('seen', (1000, 'a', [('user', 'u1')], 2))]
+    12 [('seen', (1000, 'a', [('item', 'x')], 2))]
     """
 
     def __init__(self, spec: FeatureSpec, shards: int) -> None:
@@ -87,7 +103,7 @@ class ShardRouter:
             if k is None:
                 if len(known) >= SHARD_CACHE:
                     known.clear()
-                k = known[key] = shard_of(key[0], key[1], n) if n > 1 else 0
+                k = known[key] = entity_shard(self.spec, key[0], key[1], n) if n > 1 else 0
             part = out.get(k)
             if part is None:
                 out[k] = [key]

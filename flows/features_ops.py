@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 # wherever they do, and "0".."3" all land on the same one of two workers.
 BALANCED_FOR = 60
 REDIS_CHECK_S = 5.0  # how often a shard checks that Redis still holds what it wrote
+# How entities are placed in shards (features.scheduler.entity_shard); a recovery store's
+# counters placed otherwise cannot be resumed. 2: by the value of the entity's first field.
+PLACEMENT = 2
 PIT = "pit"  # (shard, parts, JSON of {entity: {feature: count}}): a shard's part of the counts
 
 
@@ -140,9 +143,11 @@ class CountersLogic(StatefulBatchLogic):
     def __init__(self, cfg: Config, spec: FeatureSpec, partitions: int, shared: ProcessCounters,
                  resume) -> None:
         f = cfg.features
-        if resume is not None and resume["shards"] != f.shards:
+        if resume is not None and (resume["shards"], resume.get("placement")) != (
+                f.shards, PLACEMENT):
             raise ValueError(f"the recovery store holds counters split in {resume['shards']} "
-                             f"shards, the config asks for {f.shards}: start from a new "
+                             f"shards (placement {resume.get('placement')}), the config asks "
+                             f"for {f.shards} (placement {PLACEMENT}): start from a new "
                              "recovery store (and an empty feature store prefix)")
         self.scheduler = PointInTimeScheduler(spec, partitions, f.allowed_lateness_ms,
                                               f.pit_delay_ms, None if resume is None else
@@ -209,7 +214,7 @@ class CountersLogic(StatefulBatchLogic):
     def snapshot(self) -> dict:
         self._write()
         return {"scheduler": self.scheduler.state(), "marker_set": self.marker_set,
-                "shard": self.shard, "shards": self.shards}
+                "shard": self.shard, "shards": self.shards, "placement": PLACEMENT}
 
 
 def parts(kv: tuple[str, tuple[int, list[Part]]]) -> list[tuple[str, tuple]]:

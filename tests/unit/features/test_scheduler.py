@@ -14,6 +14,7 @@ from features.scheduler import (
     WATERMARK,
     PointInTimeScheduler,
     ShardRouter,
+    entity_shard,
     merge_parts,
 )
 from features.spec import FeatureSpec, window_label
@@ -270,3 +271,28 @@ def test_state_taken_every_epoch_resumes_like_the_first_state():
         # (entities come back from JSON as lists: the same to snapshot_at)
         assert orjson.dumps(sorted(resumed.snapshots)) == orjson.dumps(sorted(s.snapshots))
         assert before + run(resumed, batches[stop:]) == straight
+
+
+def test_entities_sharing_a_first_field_share_a_shard_and_the_shards_stay_even():
+    """The default five entities: an impression touches at most three shards (its user's,
+    its item's, its category's), and 20k users spread evenly over 16 shards."""
+    spec = FeatureSpec()
+    router = ShardRouter(spec, 16)
+    rng = random.Random(0)
+    touched = []
+    for i in range(2000):
+        user, item, cat = f"u{rng.randrange(500)}", f"i{rng.randrange(300)}", f"c{i % 7}"
+        ids = [("user", user), ("item", item), ("category", cat),
+               ("user_category", f"{user}|{cat}"), ("item_position", f"{item}|{i % 5}")]
+        split = router.split(ids)
+        assert len(split) <= 3
+        assert entity_shard(spec, "user", user, 16) == entity_shard(
+            spec, "user_category", f"{user}|{cat}", 16)
+        assert entity_shard(spec, "item", item, 16) == entity_shard(
+            spec, "item_position", f"{item}|{i % 5}", 16)
+        touched.append(len(split))
+    assert sum(touched) / len(touched) < 3
+    per_shard = [0] * 16
+    for u in range(20_000):
+        per_shard[entity_shard(spec, "user", f"u{u}", 16)] += 1
+    assert max(per_shard) < 1.1 * 20_000 / 16 and min(per_shard) > 0.9 * 20_000 / 16
