@@ -21,7 +21,8 @@ when refused, its reason; examples/s of online learning and of the retrain.
 
     python bench/retrain.py [--days 3] [--rate 1.0] [--seed 0] [--emb-order time|shuffled]
                             [--linear-epochs N] [--max-ne-regression X]
-                            [--min-gain-se Z|MODEL=Z,...] [--quick] [--json]
+                            [--min-gain-se Z|MODEL=Z,...] [--emb-row-pass X] [--quick]
+                            [--json]
 """
 
 from __future__ import annotations
@@ -103,8 +104,11 @@ def from_online(models: Models, archive: ExampleArchive, date: str,
 
 def run(days: int, rate: float, seed: int, emb_order: str = "time",
         max_ne_regression: float | None = None, linear_epochs: int | None = None,
-        min_gain_se: dict[str, float] | None = None, log=print) -> dict:
+        min_gain_se: dict[str, float] | None = None, emb_row_pass: float | None = None,
+        log=print) -> dict:
     settings = RetrainSettings(emb_order=emb_order)  # else the default config's
+    if emb_row_pass is not None:
+        settings = dataclasses.replace(settings, emb_row_pass=emb_row_pass)
     if min_gain_se is not None:
         settings = dataclasses.replace(settings, min_gain_se=min_gain_se)
     if linear_epochs is not None:
@@ -130,7 +134,7 @@ def run(days: int, rate: float, seed: int, emb_order: str = "time",
     out: dict = {"days": [], "retrains": [], "simplified": [], "rate": rate, "seed": seed,
                  "emb_order": emb_order, "linear_epochs": settings.linear_epochs,
                  "max_ne_regression": settings.max_ne_regression,
-                 "min_gain_se": settings.min_gain_se,
+                 "min_gain_se": settings.min_gain_se, "emb_row_pass": settings.emb_row_pass,
                  "examples": len(sim.examples)}
     root = tempfile.mkdtemp(prefix="bench-retrain-")
     archive = ExampleArchive(Path(root) / "archive", fsync=False)
@@ -246,6 +250,9 @@ def main() -> None:
                     help="paired standard errors a model's retrain must gain on the holdout "
                          "to replace its online state, for every model or by model (default: "
                          "RetrainSettings', emb=2)")
+    ap.add_argument("--emb-row-pass", type=float, metavar="X",
+                    help="a second time-ordered pass on the embedding model's rows only, at X "
+                         "times their step size (default: none)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--quick", action="store_true", help="--rate 0.3 (~26k a day)")
     ap.add_argument("--json", action="store_true", help="one JSON object last")
@@ -257,7 +264,7 @@ def main() -> None:
     print("$ python bench/retrain.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     print(f"{os.cpu_count()} CPUs, torch threads {args.threads}")
     out = run(args.days, rate, args.seed, args.emb_order, args.max_ne_regression,
-              args.linear_epochs, args.min_gain_se)
+              args.linear_epochs, args.min_gain_se, args.emb_row_pass)
     report(out)
     if args.json:
         print(orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY).decode())

@@ -515,7 +515,8 @@ class EmbeddingLearner:
     # -- learning ---------------------------------------------------------------------------
 
     def _step(self, examples: Sequence[Mapping], ru: np.ndarray, ri: np.ndarray,
-              x: np.ndarray | None = None) -> tuple[float, int]:
+              x: np.ndarray | None = None, dense: bool = True,
+              lr: float | None = None) -> tuple[float, int]:
         x = torch.from_numpy(self.dense_features(examples) if x is None else x)
         y, w = _labels_weights(examples)
         uu, inv_u = np.unique(ru, return_inverse=True)
@@ -540,14 +541,14 @@ class EmbeddingLearner:
             # The dense block (every example has a bias and context) moves every step, with
             # Adagrad on the batch's summed gradient; rows with sparse Adagrad, touched only.
             d = self.model.dense
-            for k, p, grad in (("dense.weight", d.weight, g.T @ x),
-                               ("dense.bias", d.bias, g.sum(0))):
+            for k, p, grad in ((("dense.weight", d.weight, g.T @ x),
+                                ("dense.bias", d.bias, g.sum(0))) if dense else ()):
                 acc = self.dense_acc[k]
                 acc += grad * grad
                 p -= self.dense_lr * grad / acc.sqrt()
-        self._dense_changed = True
-        self.users.apply_adagrad(uu_t, grad_u, self.lr)
-        self.items.apply_adagrad(ui_t, grad_i, self.lr)
+        self._dense_changed = self._dense_changed or dense
+        self.users.apply_adagrad(uu_t, grad_u, self.lr if lr is None else lr)
+        self.items.apply_adagrad(ui_t, grad_i, self.lr if lr is None else lr)
         return loss.item(), len(uu) + len(ui)
 
     def _ids_ts(self, examples: Sequence[Mapping]) -> tuple[list, list, list[int]]:
@@ -575,6 +576,19 @@ class EmbeddingLearner:
         self.counters["batches"] += 1
         return {"examples": len(batch), "skipped": skipped, "rows": rows,
                 "loss": loss / len(batch)}
+
+    def learn_rows(self, examples: Sequence[Mapping], lr_scale: float = 1.0) -> int:
+        """A step on the rows of ``examples`` (learnable ones, as `learn_batch` with
+        ``checked``) at ``lr_scale`` times the row step size: the dense block and its
+        accumulators stay as they are, and the sightings are not counted again (a second
+        pass over examples already learned; ids never seen use their fallback rows).
+        Returns the rows updated."""
+        if not examples:
+            return 0
+        users, items, _ = self._ids_ts(examples)
+        _, rows = self._step(examples, self.users.lookup(users), self.items.lookup(items),
+                             dense=False, lr=self.lr * lr_scale)
+        return rows
 
     def train_epoch(self, examples: Sequence[Mapping], batch_size: int = 512,
                     shuffle_seed: int = 0, observe: bool = True, checked: bool = False

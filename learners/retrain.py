@@ -175,6 +175,9 @@ class RetrainSettings:
     online_keep_hours: float = 2.0  # how long a learn flow's version replaced stays readable
     emb_order: str = "time"  # the embedding model's order in `train_epoch` (EMB_ORDERS)
     linear_epochs: int = 2  # FTRL's and BOPR's passes over the training set (see step 4)
+    # > 0: a second time-ordered pass on the embedding model's rows only, at this fraction of
+    # their step size (`train_epoch`); off by default (see bench/retrain.py --emb-row-pass).
+    emb_row_pass: float = 0.0
     # A model named here replaces its online state with its retrain only when its holdout NE
     # is below the online one by more than this many paired standard errors; the others
     # only when not above it by more than max_ne_regression (`model_decisions`).
@@ -380,13 +383,16 @@ def _note_items(models: Models, examples: list[dict]) -> None:
 
 def train_epoch(models: Models, table: pa.Table, seed: int,
                 progress: Callable[..., Any] | None = None, emb_order: str = "time",
-                linear_epochs: int = 1) -> int:
+                linear_epochs: int = 1, emb_row_pass: float = 0.0) -> int:
     """One pass over ``table``'s rows (in event-time order): FTRL and BOPR learn each batch
     of ``retrain_batch_size`` in the order ``permutation(seed)`` (``linear_epochs`` passes,
     each in an order of its own); the embedding model trains every parameter (rows and dense
     part) once on the same examples in event-time order and in the learn flow's micro-batches
     (``emb_order="time"``, as it learns online) or in the first pass's shuffled order
-    ("shuffled"). Returns the examples learned (after downsampling)."""
+    ("shuffled"). ``emb_row_pass`` > 0: then a second pass over the same examples in time
+    order on the embedding model's rows only, at that fraction of the row step size
+    (`EmbeddingLearner.learn_rows`; the dense block, learned online, is not learned twice).
+    Returns the examples learned (after downsampling)."""
     if emb_order not in EMB_ORDERS:
         raise ValueError(f"emb_order must be one of {EMB_ORDERS}, got {emb_order!r}")
     step = models.settings.retrain_batch_size
@@ -407,7 +413,8 @@ def train_epoch(models: Models, table: pa.Table, seed: int,
     dense_version = emb.dense_version
     passes = [("linear", order)] + [
         ("linear", order[np.random.default_rng([seed, k]).permutation(len(order))])
-        for k in range(1, linear_epochs)] + ([("emb", kept)] if emb_order == "time" else [])
+        for k in range(1, linear_epochs)] + ([("emb", kept)] if emb_order == "time" else []) + (
+        [("emb_rows", kept)] if emb_row_pass > 0 else [])
     bar = _progress(progress, len(passes) * _batches(len(order), step), "train")
     chunk = step * CHUNK_BATCHES
     try:
@@ -420,6 +427,9 @@ def train_epoch(models: Models, table: pa.Table, seed: int,
                 if what == "emb":
                     for b in range(0, len(examples), MICRO_BATCH):  # `learnable` rows
                         emb.learn_batch(examples[b:b + MICRO_BATCH], checked=True)
+                elif what == "emb_rows":
+                    for b in range(0, len(examples), MICRO_BATCH):
+                        emb.learn_rows(examples[b:b + MICRO_BATCH], emb_row_pass)
                 else:
                     for b in range(0, len(examples), step):
                         part = examples[b:b + step]
@@ -698,7 +708,8 @@ def retrain(settings: RetrainSettings, date: str | dt.date, store: ModelStore,
     cut = split_holdout(day.examples, settings.holdout_fraction)
     train, holdout = day.table.slice(0, cut), day.table.slice(cut)
     res.train_examples, res.holdout_examples = train.num_rows, holdout.num_rows
-    train_epoch(models, train, seed, progress, settings.emb_order, settings.linear_epochs)
+    train_epoch(models, train, seed, progress, settings.emb_order, settings.linear_epochs,
+                settings.emb_row_pass)
     t = lap("train", t)
 
     y = holdout["label"].to_numpy(zero_copy_only=False).astype(np.float64)

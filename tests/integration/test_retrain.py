@@ -294,6 +294,12 @@ def test_the_embedding_model_learns_the_day_in_event_time_order_and_the_linear_o
     assert np.array_equal(p1["ftrl"], shuffled.predict(probe)["ftrl"])
     assert not np.allclose(p1["ftrl"], p2["ftrl"]) and not np.allclose(p1["bopr"], p2["bopr"])
     assert once.examples == twice.examples == 6000  # a second pass is not more examples
+    # A second pass on the embedding model's rows only: the dense block as after one pass.
+    rows = trained(emb_row_pass=0.5)
+    assert np.array_equal(rows.emb.dense_weights(), once.emb.dense_weights())
+    assert not np.array_equal(rows.emb.predict_batch(probe), once.emb.predict_batch(probe))
+    assert np.array_equal(rows.predict(probe)["ftrl"], p1["ftrl"])
+    assert rows.examples == 6000 and rows.emb.users.index == once.emb.users.index
 
 
 # -- against Redis --------------------------------------------------------------------------

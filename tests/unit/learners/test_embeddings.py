@@ -399,3 +399,32 @@ def test_dense_features_from_the_hashers_count_matrix_are_the_same():
     counts = FeatureHasher(bits=10).count_values(data)
     assert counts is not None
     np.testing.assert_array_equal(dense_features(data, counts=counts), dense_features(data))
+
+
+def test_learn_rows_steps_the_rows_only_and_counts_no_sighting():
+    learner = EmbeddingLearner(dim=8, min_count=2, fallback_rows=64)
+    data = synthetic(3000)
+    for s in range(0, 2000, 256):
+        learner.learn_batch(data[s:s + 256])
+    (tables, dense) = snapshot(learner)
+    acc = {k: v.clone() for k, v in learner.dense_acc.items()}
+    index = {n: dict(t.index) for n, t in learner.tables.items()}
+    pending = {n: dict(t.pending) for n, t in learner.tables.items()}
+    changed = learner._dense_changed
+    rows = learner.learn_rows(data[:256], lr_scale=0.5)
+    assert rows > 0
+    for k, v in learner.model.state_dict().items():
+        assert torch.equal(v, dense[k])
+    for k, v in learner.dense_acc.items():
+        assert torch.equal(v, acc[k])
+    assert learner._dense_changed == changed
+    for n, t in learner.tables.items():
+        assert t.index == index[n] and t.pending == pending[n]  # no sighting counted
+        assert not torch.equal(t.weight, tables[n][0])
+    # At half the step: the first step of a row from the same state moves it half as far.
+    a, b = (EmbeddingLearner.from_bytes(learner.to_bytes()) for _ in range(2))
+    one = [data[2500]]
+    w0 = a.users.weight.clone()
+    a.learn_rows(one, 1.0)
+    b.learn_rows(one, 0.5)
+    assert torch.allclose(b.users.weight - w0, (a.users.weight - w0) / 2, atol=1e-7)
