@@ -176,7 +176,11 @@ class RetrainSettings:
     emb_order: str = "time"  # the embedding model's order in `train_epoch` (EMB_ORDERS)
     linear_epochs: int = 2  # FTRL's and BOPR's passes over the training set (see step 4)
     # > 0: a second time-ordered pass on the embedding model's rows only, at this fraction of
-    # their step size (`train_epoch`); off by default (see bench/retrain.py --emb-row-pass).
+    # their step size (`train_epoch`). Off: with 0.5, the embedding model's next day against
+    # online (bench/retrain.py --emb-row-pass 0.5, seeds 0-2, "candidate") was +0.0000 /
+    # +0.0000, -0.0004 / -0.0002, -0.0010 / +0.0003, no better than without. A first scratch
+    # version's -0.0010 / -0.0004 on seed 0 came from the dense block's Adagrad sums growing
+    # during that pass (its step 0): a smaller dense step on the next day, not the rows.
     emb_row_pass: float = 0.0
     # A model named here replaces its online state with its retrain only when its holdout NE
     # is below the online one by more than this many paired standard errors; the others
