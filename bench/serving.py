@@ -42,13 +42,14 @@ from ctrstream.stack import Component, free_port, terminate  # noqa: E402
 from flows.build import (  # noqa: E402
     feature_spec,
     feature_store,
-    model_settings,
-    model_store,
     scorer,
 )
 from flows.config import Config  # noqa: E402
-from learners.model import Models  # noqa: E402
-from tests.integration.test_embeddings_cli import CONTEXT, synthetic  # noqa: E402
+from tests.integration.test_embeddings_cli import (  # noqa: E402
+    CONTEXT,
+    published_synthetic,
+    synthetic,
+)
 
 USERS, ITEMS = 40, 400
 
@@ -59,10 +60,7 @@ def pcts(times_s: list[float]) -> tuple[float, float]:
 
 
 def setup(cfg: Config) -> None:
-    models = Models(model_settings(cfg), feature_spec(cfg))
-    models.learn(synthetic(3000, users=USERS, items=ITEMS))
-    store = model_store(cfg)
-    store.publish(models.write_version(store, "online", None))
+    published_synthetic(cfg, synthetic(3000, users=USERS, items=ITEMS))
     writer = feature_store(cfg, feature_spec(cfg).feature_names())
     names, now = writer.feature_names, int(time.time() * 1000)
     for entity, n in (("user", USERS), ("item", ITEMS)):

@@ -36,6 +36,16 @@ def synthetic(n: int, users: int = 40, items: int = 60, seed: int = 0) -> list[d
              "counts": {"user": {"imp_1h": k % 7, "clk_1h": k % 2}}} for k in range(n)]
 
 
+def published_synthetic(cfg, records: list[dict]) -> tuple[Models, str]:
+    """The models learned from ``records`` and the version they were published as."""
+    models = Models(model_settings(cfg), feature_spec(cfg))
+    models.learn(records)
+    store = model_store(cfg)
+    version = models.write_version(store, "online", None)
+    store.publish(version)
+    return models, version
+
+
 @pytest.fixture(scope="module")
 def published(stack_cfg, tmp_path_factory):
     """(config file, config, the learned Models, the published version)."""
@@ -43,11 +53,7 @@ def published(stack_cfg, tmp_path_factory):
     cfg = stack_cfg.replace(learn={"store_name": f"emb{tag}", "emb_dim": 8,
                                    "emb_fallback_rows": 64},
                             features={"store_prefix": f"f{tag}"})
-    models = Models(model_settings(cfg), feature_spec(cfg))
-    models.learn(synthetic(600))
-    store = model_store(cfg)
-    version = models.write_version(store, "online", None)
-    store.publish(version)
+    models, version = published_synthetic(cfg, synthetic(600))
     path = tmp_path_factory.mktemp("emb-cli") / "ctrstream.toml"
     path.write_text(cfg.to_toml())
     return path, cfg, models, version

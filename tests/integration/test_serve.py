@@ -15,9 +15,8 @@ import httpx
 import pytest
 
 from ctrstream.stack import free_port, terminate
-from flows.build import feature_spec, feature_store, model_settings, model_store, scorer
-from learners.model import Models
-from tests.integration.test_embeddings_cli import CONTEXT, synthetic
+from flows.build import feature_spec, feature_store, scorer
+from tests.integration.test_embeddings_cli import CONTEXT, published_synthetic, synthetic
 from tests.netproxy import Forwarder
 
 pytestmark = pytest.mark.integration
@@ -47,10 +46,7 @@ def served(stack_cfg, tmp_path_factory):
     cfg = stack_cfg.replace(learn={"store_name": f"srv{tag}", "emb_dim": 8,
                                    "emb_fallback_rows": 64},
                             features={"store_prefix": f"fs{tag}"})
-    models = Models(model_settings(cfg), feature_spec(cfg))
-    models.learn(synthetic(600))
-    store = model_store(cfg)
-    store.publish(models.write_version(store, "online", None))
+    published_synthetic(cfg, synthetic(600))
     writer = feature_store(cfg, feature_spec(cfg).feature_names())
     now = int(time.time() * 1000)
     writer.write_many({("user", f"u{k}"): {n: k + j for j, n in enumerate(writer.feature_names)}
