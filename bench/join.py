@@ -32,6 +32,7 @@ from bytewax.dataflow import Dataflow
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.produce import fresh_topics  # noqa: E402
 from ctrstream.produce import produce  # noqa: E402
 from ctrstream.simulator import StreamSpec  # noqa: E402
 from ctrstream.stack import LocalStack, create_topics, free_port  # noqa: E402
@@ -66,11 +67,9 @@ class _PassThroughSource(JoinSource):
 def passthrough_flow(config_path: str) -> Dataflow:
     cfg = load_config(config_path)
     flow = Dataflow("passthrough")
+    # with features off the source's records are (topic, key, value), as the sink takes them
     records = op.input("in", flow, _PassThroughSource(cfg, until_eof=True))
-    topic = cfg.kafka.examples_topic
-    out = op.map("untag", records,
-                 lambda r: (topic, *r[1]) if r[0] == EXAMPLE else r[1])
-    op.output("out", out, KafkaRecordSink(cfg))
+    op.output("out", records, KafkaRecordSink(cfg))
     return flow
 
 
@@ -241,11 +240,7 @@ def main() -> None:
         stack = LocalStack(tmp / "stack", free_port(), free_port())
         stack.up()
         try:
-            cfg = stack.config(Config()).replace(
-                kafka={t: f"bench-{t}-{uuid.uuid4().hex[:6]}" for t in (
-                    "impressions_topic", "clicks_topic", "examples_topic",
-                    "dead_letters_topic")})
-            create_topics(cfg)
+            cfg = fresh_topics(stack.config(Config()), "bench")
             bench_flows(cfg, args.events, tmp)
         finally:
             stack.down()

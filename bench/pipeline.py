@@ -34,6 +34,7 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.produce import fresh_topics  # noqa: E402
 from ctrstream.produce import produce  # noqa: E402
 from ctrstream.simulator import StreamSpec  # noqa: E402
 from ctrstream.stack import LocalStack, create_topics, free_port  # noqa: E402
@@ -103,11 +104,7 @@ def main() -> None:
         stack = LocalStack(tmp / "stack", free_port(), free_port())
         stack.up()
         try:
-            cfg = stack.config(Config()).replace(
-                kafka={t: f"bench-{t}-{uuid.uuid4().hex[:6]}" for t in (
-                    "impressions_topic", "clicks_topic", "examples_topic",
-                    "dead_letters_topic")})
-            create_topics(cfg)
+            cfg = fresh_topics(stack.config(Config()), "bench")
             manifest = produce(cfg, StreamSpec(seed=3, impressions=n_imp))
             c = manifest["counts"]
             n = c["impression_messages"] + c["click_messages"]
