@@ -106,7 +106,9 @@ def register(subparsers) -> None:
         description="Read the feature store on redis.url (names and schema version from its "
                     "meta key). `get` prints one entity (a missing one reads as defaults, "
                     "exit 0); `top` scans every entity of a kind (a debugging tool, not for "
-                    "serving). Exit 1 when Redis is unreachable or holds no feature store.")
+                    "serving); `migrate` rewrites a store written in the hash layout of "
+                    "earlier versions as packed rows. Exit 1 when Redis is unreachable, holds "
+                    "no feature store or one in the hash layout.")
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     g = sub.add_parser("get", help="the features of one entity")
     g.add_argument("entity", metavar="ENTITY", help="entity kind, e.g. user or item")
