@@ -200,6 +200,7 @@ class Component:
                         break
                     time.sleep(0.05)
                 if not _alive(pid):
+                    _reap(pid)  # it may have become a zombie after the loop's last reap
                     break
         self.pid_file.unlink(missing_ok=True)
 
