@@ -68,11 +68,17 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _reap(pid: int) -> None:
+def _exited(pid: int) -> bool:
+    """True once ``pid`` is gone; our own child is reaped here.
+
+    For our child only ``waitpid`` is trusted: a multi-threaded process whose
+    leader has exited shows as a zombie in /proc while its other threads still
+    run, and it cannot be reaped (or be gone) until they have exited too.
+    """
     try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:  # not our child: its parent reaps it
-        pass
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:  # not our child (or reaped already): its parent reaps it
+        return not _alive(pid)
 
 
 def _kafka_ready(port: int) -> bool:
@@ -155,9 +161,9 @@ class Component:
     def _wait_ready(self, pid: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while not self.ready():
-            _reap(pid)
-            if not _alive(pid) or time.monotonic() > deadline:
-                why = "exited" if not _alive(pid) else f"not answering after {timeout_s:g} s"
+            exited = _exited(pid)
+            if exited or time.monotonic() > deadline:
+                why = "exited" if exited else f"not answering after {timeout_s:g} s"
                 self.stop()
                 raise StackError(f"{self.name} on {self.address} {why}; "
                                  f"last lines of {self.log_file}:\n{self.log_tail()}")
@@ -194,13 +200,9 @@ class Component:
                 except ProcessLookupError:
                     break
                 deadline = time.monotonic() + wait_s
-                while True:
-                    _reap(pid)
-                    if not _alive(pid) or time.monotonic() > deadline:
-                        break
+                while not (exited := _exited(pid)) and time.monotonic() < deadline:
                     time.sleep(0.05)
-                if not _alive(pid):
-                    _reap(pid)  # it may have become a zombie after the loop's last reap
+                if exited:
                     break
         self.pid_file.unlink(missing_ok=True)
 
