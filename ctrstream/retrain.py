@@ -219,9 +219,9 @@ def register(subparsers) -> None:
     p.add_argument("--min-gain-se", type=_gains, metavar="Z|MODEL=Z,...",
                    help="paired standard errors of the holdout NE difference a model's "
                         "retrain must gain to replace its online state: Z for every model, "
-                        "or by model (default emb=2; a model not named only has to be "
-                        "within learn.max_ne_regression; a negative Z lets a retrain up to "
-                        "Z se worse in)")
+                        "or by model (default learn.retrain_min_gain_se, emb=2; a model not "
+                        "named only has to be within learn.max_ne_regression; a negative Z "
+                        "lets a retrain up to Z se worse in)")
     p.add_argument("--threads", type=_positive, default=1, metavar="N",
                    help="torch threads (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

@@ -113,13 +113,18 @@ def model_settings(cfg: Config) -> ModelSettings:
 
 
 def retrain_settings(cfg: Config) -> RetrainSettings:
-    from learners.retrain import RetrainSettings
+    from learners.retrain import RetrainSettings, parse_min_gain_se
 
     lc = cfg.learn
+    try:
+        min_gain_se = parse_min_gain_se(lc.retrain_min_gain_se)
+    except ValueError as e:
+        raise ConfigError(f"learn.retrain_min_gain_se: {e}") from None
     return RetrainSettings(model_settings(cfg), feature_spec(cfg),
                            holdout_fraction=lc.holdout_fraction,
                            max_ne_regression=lc.max_ne_regression,
-                           online_keep_hours=lc.online_keep_hours)
+                           online_keep_hours=lc.online_keep_hours,
+                           linear_epochs=lc.retrain_linear_epochs, min_gain_se=min_gain_se)
 
 
 def scorer(cfg: Config, shared: LoadedVersion | None = None) -> Scorer:

@@ -182,6 +182,11 @@ class LearnConfig:
     # is not published.
     holdout_fraction: float = 0.1
     max_ne_regression: float = 0.005
+    # ...and a model named here only when its holdout NE is below the online one by more than
+    # this many paired standard errors: "emb=2", "2" (every model), "" (none; `retrain
+    # --min-gain-se` overrides it).
+    retrain_min_gain_se: str = "emb=2"
+    retrain_linear_epochs: int = 2  # FTRL's and BOPR's shuffled passes over the day
     retrain_batch_size: int = 512
     seed: int = 0
 
@@ -268,6 +273,7 @@ _POSITIVE = {
     "idle_timeout_s", "push_interval_s", "snapshot_interval_s", "log_interval_s",
     "ftrl_alpha", "bopr_beta", "bopr_prior_variance", "click_delay_median_s",
     "start_timeout_s", "max_click_lag_ms", "lag_window_s", "lag_warn_messages",
+    "retrain_linear_epochs",
 }
 _UNIT_INTERVAL = {"base_ctr", "ctr_collapse_ratio"}
 

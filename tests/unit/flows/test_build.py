@@ -26,6 +26,14 @@ def test_settings_come_from_the_config_and_bad_ones_name_the_key():
     assert retrain_settings(cfg).spec.feature_names() == ["imp_1m", "clk_1m"]
     with pytest.raises(ConfigError, match="learn.negative_sample_rate"):
         model_settings(Config().replace(learn={"negative_sample_rate": 1.5}))
+    retrain = retrain_settings(Config().replace(learn={"retrain_min_gain_se": "ftrl=1, emb=3",
+                                                       "retrain_linear_epochs": 1}))
+    assert (retrain.min_gain_se, retrain.linear_epochs) == ({"ftrl": 1.0, "emb": 3.0}, 1)
+    assert retrain_settings(Config().replace(learn={"retrain_min_gain_se": ""})).min_gain_se == {}
+    with pytest.raises(ConfigError, match="learn.retrain_min_gain_se: unknown model 'lr'"):
+        retrain_settings(Config().replace(learn={"retrain_min_gain_se": "lr=2"}))
+    with pytest.raises(ConfigError, match="learn.retrain_linear_epochs"):
+        Config().replace(learn={"retrain_linear_epochs": 0})
 
 
 def test_the_learn_flow_refuses_at_start_up_a_version_reading_uncounted_features(monkeypatch):
