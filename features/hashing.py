@@ -214,15 +214,71 @@ class FeatureHasher:
                 values.append(v)
             else:
                 key = tuple(values)
-                cache = self._cross_cache[cross]
-                i = cache.get(key)
-                if i is None:
-                    if len(cache) >= MAX_CACHE:
-                        cache.clear()
-                    token = "^".join(map(canonical, values))
-                    i = cache[key] = self._hash(f"{self._cross_names[cross]}={token}")
-                out.append(i)
+                i = self._cross_cache[cross].get(key)
+                out.append(i if i is not None else self._cross_index(cross, key))
         return out
+
+    def _cross_index(self, cross: tuple[str, ...], key: tuple) -> int:
+        """The index of ``cross`` with field values ``key``, hashed and cached."""
+        cache = self._cross_cache[cross]
+        i = cache.get(key)
+        if i is None:
+            if len(cache) >= MAX_CACHE:
+                cache.clear()
+            token = "^".join(map(canonical, key))
+            i = cache[key] = self._hash(f"{self._cross_names[cross]}={token}")
+        return i
+
+    def request_batch(self, user_id: str, item_ids: Sequence[str],
+                      item_features: Sequence[Mapping], context: Mapping, counts: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """``batch`` of a scoring request's examples, ``{"user_id": user_id, "item_id": item,
+        "features": {**item_features[k], **context}, "counts": ...}`` for each item, with
+        ``counts`` as ``count_values`` gives them (not None): the same CSR, but what every
+        example shares (the bias, the user, the context and the crosses of those alone) is
+        hashed once, not once an item. The ids are strings; not for a hasher with
+        ``ctr_prior``."""
+        if self._ctr_plan:
+            raise ValueError("request_batch reads counts as a matrix: no ctr_prior")
+        field_index, caches = self._field_index, self._field_cache
+        shared = [0]
+        if "user_id" in self.fields:
+            shared.append(field_index("user_id", user_id))
+        shared += [field_index(k, v) for k, v in context.items() if v is not None]
+        own = []  # the crosses of an item's fields: (cross, its cache, each field's source)
+        for cross in self.crosses:
+            # a field's value, as _raw_fields looks it up: (0, the request's), (1, the item
+            # id) or (2, the item's attribute of that name)
+            src = [(0, user_id) if f == "user_id" else (1, None) if f == "item_id" else
+                   (0, context[f]) if f in context else (2, f) for f in cross]
+            if any(kind == 0 and v is None for kind, v in src):
+                continue  # a field the request lacks: no example has the cross
+            if all(kind == 0 for kind, _ in src):
+                shared.append(self._cross_index(cross, tuple(v for _, v in src)))
+            else:
+                own.append((cross, self._cross_cache[cross], src))
+        item_field = "item_id" in self.fields
+        items = caches.setdefault("item_id", {})
+        flat: list[int] = []
+        lengths: list[int] = []
+        for item, attrs in zip(item_ids, item_features, strict=True):
+            n = len(flat)
+            if item_field:  # the caches read inline (the common case), as _raw_fields does
+                i = items.get(item)
+                flat.append(i if i is not None else field_index("item_id", item))
+            for k, v in attrs.items():
+                if v is not None and k not in context:
+                    c = caches.get(k)
+                    i = c.get(v) if c is not None else None
+                    flat.append(i if i is not None else field_index(k, v))
+            for cross, cache, src in own:
+                key = tuple([v if kind == 0 else item if kind == 1 else attrs.get(v)
+                             for kind, v in src])
+                if None not in key:
+                    i = cache.get(key)
+                    flat.append(i if i is not None else self._cross_index(cross, key))
+            lengths.append(len(flat) - n)
+        return self._csr(flat, lengths, counts, shared)
 
     def count_values(self, examples: Sequence[Mapping]) -> np.ndarray | None:
         """The counts this hasher reads, int64 [examples, count features] (entity by entity,
@@ -292,7 +348,6 @@ class FeatureHasher:
         return np.array(indptr, dtype=np.int64), np.array(flat, dtype=np.int64)
 
     def _batch_vector(self, examples: list[Mapping], counts: np.ndarray):
-        n, j = counts.shape
         flat: list[int] = []
         lengths: list[int] = []
         raw = self._raw_fields
@@ -300,12 +355,21 @@ class FeatureHasher:
             r = raw(ex)
             flat.extend(r)
             lengths.append(len(r))
+        return self._csr(flat, lengths, counts)
+
+    def _csr(self, flat: list[int], lengths: list[int], counts: np.ndarray,
+             shared: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """The CSR of rows of ``lengths[k]`` indices from ``flat``, plus ``shared`` in every
+        row, plus the count buckets of ``counts``, sorted and deduplicated within each row."""
+        n, j = counts.shape
         # bit_length of each count: frexp's exponent, exact below 2**53
         buckets = np.minimum(np.frexp(counts.astype(np.float64))[1], MAX_BUCKET)
+        at = np.arange(n, dtype=np.int64)
         idx = np.concatenate([np.array(flat, np.int64),
-                              self._count_table[np.arange(j), buckets].ravel()])
-        rows = np.concatenate([np.repeat(np.arange(n, dtype=np.int64), lengths),
-                               np.repeat(np.arange(n, dtype=np.int64), j)])
+                              self._count_table[np.arange(j), buckets].ravel(),
+                              np.tile(np.array(shared, np.int64), n)])
+        rows = np.concatenate([np.repeat(at, lengths), np.repeat(at, j),
+                               np.repeat(at, len(shared))])
         key = np.sort((rows << 32) | idx)  # by row, then index; indices are below 2**32
         if len(key):
             key = key[np.concatenate([[True], key[1:] != key[:-1]])]  # np.unique, 3x slower

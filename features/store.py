@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+import numpy as np
 import orjson
 import redis
 
@@ -350,15 +351,33 @@ class FeatureStore:
             return self._rows(replies[1:])
         return self._rows(replies[1]) if len(replies) > 1 else []
 
+    def decode_counts(self, replies: list) -> np.ndarray:
+        """`decode_pairs` as one int64 array [pairs, features] (``feature_names`` order), 0s
+        for a missing row: for a reader that computes on the counts, not one that prints them."""
+        self._check_meta(*replies[0])
+        self._read_due = time.monotonic() + META_CHECK_S
+        raw = replies[1:] if self._cluster else replies[1] if len(replies) > 1 else []
+        rows = np.frombuffer(self._blob(raw), "<i8").reshape(len(raw), self._row_bytes // 8)
+        missing = rows[:, 0] != self.schema_version
+        if missing.any():
+            for i in np.flatnonzero(missing):
+                self._check_row(raw[i])
+            rows = rows.copy()
+            rows[missing] = 0
+        return rows[:, 2:]
+
+    def _blob(self, raw: list[bytes | None]) -> bytes:
+        """The rows as one string, a row of version 0 (read as missing) where one is absent
+        or of another length."""
+        size, zero = self._row_bytes, self._zero_row
+        if None not in raw and set(map(len, raw)) <= {size}:  # all there: no Python loop
+            return b"".join(raw)
+        return b"".join([r if r is not None and len(r) == size else zero for r in raw])
+
     def _rows(self, raw: list[bytes | None]) -> list[Row]:
         """Decode packed rows in bulk; absent rows and rows of an older version read as
         missing, a newer version raises."""
-        size, zero = self._row_bytes, self._zero_row
-        if None not in raw and set(map(len, raw)) <= {size}:  # all there: no Python loop
-            blob = b"".join(raw)
-        else:  # a stand-in row of version 0 (read as missing) where one is absent or odd
-            blob = b"".join([r if r is not None and len(r) == size else zero for r in raw])
-        out = self._decode(self._unpack(blob))
+        out = self._decode(self._unpack(self._blob(raw)))
         if None in out:  # absent, another version or another length
             for i, row in enumerate(out):
                 if row is None:

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import orjson
 
-from features.spec import FeatureSpec
+from features.spec import ID_SEPARATOR, FeatureSpec
 from features.store import FeatureStore
-from joiner.events import Impression
 from learners.bopr import norm_cdf
 from learners.embeddings import dense_dim, dense_features, score_vectors, serving_keys
 from learners.ftrl import csr_rows, sigmoid
@@ -48,19 +48,52 @@ class LoadedVersion:
 
     def __init__(self) -> None:
         self.copy: VersionCopy | None = None
+        self.weights: Weights | None = None
         self.loads = 0
         self._lock = threading.Lock()
 
-    def get(self, models: ModelStore, version: str, generation: int | None) -> VersionCopy:
-        """The copy of ``version`` at ``generation`` or later, loaded if there is none."""
-        copy = self.copy
+    def get(self, models: ModelStore, version: str, generation: int | None
+            ) -> tuple[VersionCopy, Weights]:
+        """The copy of ``version`` at ``generation`` or later, loaded if there is none, and
+        its hashed models' weights."""
+        copy, weights = self.copy, self.weights
         if not _fresh(copy, version, generation):
             with self._lock:  # the others wait for the one load
-                copy = self.copy
+                copy, weights = self.copy, self.weights
                 if not _fresh(copy, version, generation):
-                    copy = self.copy = models.load(version)
+                    copy = models.load(version)
+                    weights = Weights(copy)
+                    self.copy, self.weights = copy, weights
                     self.loads += 1
-        return copy
+        return copy, weights
+
+
+class Weights:
+    """A copy's FTRL weights and BOPR (mean, variance) for any coordinates, as
+    `VersionCopy.get_vectors` reads them (missing ones 0, and the prior for BOPR's): as whole
+    tables, one row per coordinate, when the hash space is at most ``2**TABLE_BITS`` (12 MB a
+    process at the default 20 bits, 48 MB at 22), so a request reads its ~4,000 coordinates
+    with one gather, not a binary search each."""
+
+    TABLE_BITS = 22
+
+    def __init__(self, copy: VersionCopy) -> None:
+        self.copy = copy
+        self.prior = np.array([0.0, copy.meta["bopr_prior_variance"]])
+        self.tables = None
+        if copy.meta["hash_bits"] <= self.TABLE_BITS:
+            size = 1 << copy.meta["hash_bits"]
+            self.tables = {m: copy.get_vectors(m, np.arange(size), d)
+                           for m, d in (("ftrl", None), ("bopr", self.prior))}
+
+    def get(self, model: str, indices: np.ndarray) -> np.ndarray:
+        """float64 [len(indices), width] of ``model`` ("ftrl" or "bopr")."""
+        if self.tables is None:
+            values = self.copy.get_vectors(model, indices,
+                                           self.prior if model == "bopr" else None)
+        else:
+            values = self.tables[model][indices]
+        return values.astype(np.float64)
 
 
 def _fresh(copy: VersionCopy | None, version: str, generation: int | None) -> bool:
@@ -76,15 +109,22 @@ class Scorer:
     def __init__(self, models: ModelStore, features: FeatureStore, spec: FeatureSpec,
                  *, attributes_kept: int = 100_000, shared: LoadedVersion | None = None
                  ) -> None:
+        if features is not None and features.feature_names != spec.feature_names():
+            raise ValueError(f"the feature store holds {features.feature_names}, the spec "
+                             f"counts {spec.feature_names()}: a scorer reads them as one")
         self.models, self.features, self.spec = models, features, spec
         self.attributes_kept = attributes_kept
         self._shared = LoadedVersion() if shared is None else shared
         self._meta: dict | None = None
         self.version: str | None = None
         self._copy: VersionCopy | None = None
+        self._weights: Weights | None = None
         self._hasher = None
         self._counts: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # dense input's
         self._attrs: dict[str, bytes | None] = {}  # raw attributes last read, by item
+        self._parsed: dict[bytes | None, dict] = {}  # attributes by their raw JSON
+        self._entities = tuple(self.spec.entities.items())
+        self._item_rows: dict[str, int] = {}  # item -> its row in the kept version's table
         self.loads = 0  # versions (or generations of one) loaded
 
     def _use_meta(self, version: str, meta: dict | None) -> dict:
@@ -93,9 +133,12 @@ class Scorer:
         trained = check_counted(meta, self.spec, f"model version {version}")
         self._hasher = make_hasher(meta)
         self._counts = (tuple(trained.entities), tuple(trained.feature_names()))
-        # the hasher's count matrix is the dense input's too when they read the same counts
-        self._shared_counts = self._hasher.count_features == {
-            e: self._counts[1] for e in self._counts[0]}
+        # where the version's counts are in a request's: its entities among the spec's, its
+        # count names among the store's (the hasher's count matrix is the dense input's too)
+        entities, names = list(self.spec.entities), self.spec.feature_names()
+        self._count_at = (np.array([entities.index(e) for e in self._counts[0]], np.intp),
+                          np.array([names.index(n) for n in self._counts[1]], np.intp))
+        self._item_rows = {}
         self._meta = meta
         return meta
 
@@ -105,33 +148,32 @@ class Scorer:
         if pointer is None:
             raise ModelStoreError(f"no model published in {self.models.prefix} yet "
                                   "(run the learn flow, or the daily retrain)")
-        copy = self._shared.get(self.models, pointer, generation)
+        copy, self._weights = self._shared.get(self.models, pointer, generation)
         if copy is not self._copy:
             self._use_meta(pointer, copy.meta)
             self._copy, self.version = copy, pointer
             self.loads += 1
         return copy
 
-    def _examples(self, attrs: list, user_id: str, item_ids: Sequence[str],
-                  context: Mapping | None) -> list[dict]:
-        return [{"user_id": user_id, "item_id": item,
-                 "features": {**(orjson.loads(raw) if raw else {}), **(context or {})}}
-                for item, raw in zip(item_ids, attrs, strict=True)]
-
-    def _pairs(self, examples: list[dict]) -> list[list[tuple[str, str]]]:
-        return [self.spec.entity_ids(Impression("", 0, e["user_id"], e["item_id"],
-                                                e["features"])) for e in examples]
+    def _attributes(self, raw: bytes | None) -> dict:
+        """An item's attributes from the catalog's JSON, parsed once per distinct text."""
+        attrs = self._parsed.get(raw)
+        if attrs is None:
+            if len(self._parsed) >= self.attributes_kept:
+                self._parsed.clear()
+            attrs = self._parsed[raw] = orjson.loads(raw) if raw else {}
+        return attrs
 
     def _request(self, user_id: str, item_ids: Sequence[str], context: Mapping | None
-                 ) -> tuple[str | None, int | None, list[dict]]:
-        """The pointer, the kept version's generation and one example per item, counts
-        included: one pipeline unless an item's attributes are new or changed."""
+                 ) -> tuple[str | None, int | None, Candidates]:
+        """The pointer, the kept version's generation and the candidates, counts included:
+        one pipeline unless an item's attributes are new or changed."""
         item_ids = list(item_ids)
+        context = context or {}
         seen = [self._attrs.get(i, _UNSEEN) for i in item_ids]
-        guessed = self._examples([None if a is _UNSEEN else a for a in seen], user_id,
-                                 item_ids, context)
-        guessed_pairs = self._pairs(guessed)
-        flat = sorted({p for ps in guessed_pairs for p in ps})
+        attrs = [self._attributes(None if a is _UNSEEN else a) for a in seen]
+        ids = self._entity_ids(user_id, item_ids, attrs, context)
+        pairs = _distinct(ids)
         pipe = self.models.client.pipeline(transaction=False)
         pipe.get(self.models.pointer_key)
         kept = self._copy.version if self._copy is not None else None
@@ -139,61 +181,97 @@ class Scorer:
             pipe.get(self.models.generation_key(kept))
         if item_ids:
             pipe.hmget(catalog_key(self.models), item_ids)
-        self.features.queue_pairs(pipe, flat)
+        self.features.queue_pairs(pipe, pairs)
         replies = pipe.execute()
         pointer = replies[0]
         generation = replies[1] if kept is not None else None
         at = 1 + (kept is not None)
-        attrs = replies[at] if item_ids else []
-        counts = self.features.decode_pairs(replies[at + bool(item_ids):])
-        rows = dict(zip(flat, counts, strict=True))
+        raw = replies[at] if item_ids else []
+        counts = [self.features.decode_counts(replies[at + bool(item_ids):])]
         if len(self._attrs) + len(item_ids) > self.attributes_kept:
             self._attrs.clear()
-        for item, raw in zip(item_ids, attrs, strict=True):
-            self._attrs[item] = raw
-        if attrs == seen:  # the steady state: the guess was right
-            examples, pairs = guessed, guessed_pairs
-        else:
-            examples = self._examples(attrs, user_id, item_ids, context)
-            pairs = self._pairs(examples)
-        more = sorted({p for ps in pairs for p in ps if p not in rows})
-        if more:  # attributes new or changed since last read: their entities' counts
-            rows.update(zip(more, self.features.get_pairs(more), strict=True))
-        names = self.features.feature_names
-        # each entity's counts once (a user's are in every example), shared by the examples
-        counts = {pair: {n: row[n] for n in names} for pair, row in rows.items()}
-        for e, ps in zip(examples, pairs, strict=True):
-            e["counts"] = {entity: counts[(entity, id_)] for entity, id_ in ps}
+        self._attrs.update(zip(item_ids, raw, strict=True))
+        if raw != seen:  # attributes new or changed since last read: their entities' counts
+            attrs = [self._attributes(a) for a in raw]
+            ids = self._entity_ids(user_id, item_ids, attrs, context)
+            known = set(pairs)
+            more = [p for p in _distinct(ids) if p not in known]
+            if more:
+                pipe = self.features.client.pipeline(transaction=False)
+                self.features.queue_pairs(pipe, more)
+                counts.append(self.features.decode_counts(pipe.execute()))
+                pairs += more
+        row = {p: k for k, p in enumerate(pairs)}
+        # each example's row of ``counts`` for each entity; -1, the zero row, where it has none
+        row[None] = -1
+        rows = np.array([[row[p] for p in ps] for ps in ids], np.intp).T
+        counts.append(np.zeros((1, len(self.features.feature_names)), np.int64))
         return (None if pointer is None else pointer.decode(),
-                None if generation is None else int(generation), examples)
+                None if generation is None else int(generation),
+                Candidates(user_id, item_ids, attrs, context, pairs, np.concatenate(counts),
+                           rows.reshape(len(item_ids), len(self._entities))))
+
+    def _entity_ids(self, user_id: str, item_ids: list[str], attrs: list[dict],
+                    context: Mapping) -> list[list[tuple[str, str] | None]]:
+        """For each entity of the spec, each example's (entity, id), None where it lacks one
+        of the fields: `FeatureSpec.entity_ids` of ``Impression("", 0, user_id, item,
+        {**attrs, **context})``, column by column, a field the examples share read once."""
+        m = len(item_ids)
+        top = {"impression_id": "", "ts": 0, "user_id": user_id}
+        out = []
+        for entity, fields in self._entities:
+            columns = []
+            for f in fields:  # as entity_ids looks a field up
+                if f == "item_id":
+                    columns.append([None if v is None else _text(v) for v in item_ids])
+                elif f in top or f in context:
+                    v = top[f] if f in top else context[f]
+                    columns.append([None if v is None else _text(v)] * m)
+                else:
+                    columns.append([None if v is None else v if type(v) is str else str(v)
+                                    for v in (a.get(f) for a in attrs)])
+            if len(columns) == 1:
+                out.append([None if v is None else (entity, v) for v in columns[0]])
+            else:
+                out.append([None if None in vs else (entity, ID_SEPARATOR.join(vs))
+                            for vs in zip(*columns, strict=True)])
+        return out
 
     def examples(self, user_id: str, item_ids: Sequence[str],
                  context: Mapping | None = None) -> tuple[str | None, list[dict]]:
         """The current version and one example-like dict per item, counts included: what
         the models would have seen had these been impressions now."""
-        pointer, _, examples = self._request(user_id, item_ids, context)
-        return pointer, examples
+        pointer, _, c = self._request(user_id, item_ids, context)
+        return pointer, c.examples(self.features.feature_names, list(self.spec.entities))
 
     def score(self, user_id: str, item_ids: Sequence[str],
               context: Mapping | None = None) -> list[dict]:
         """pCTR per item from FTRL, BOPR (with the spread of its score) and the embedding
         model, in the order given."""
-        pointer, generation, examples = self._request(user_id, item_ids, context)
+        pointer, generation, candidates = self._request(user_id, item_ids, context)
         copy = self._model(pointer, generation)
-        return self._predict(copy, examples)
+        return self._predict(copy, candidates)
 
-    def _predict(self, copy: VersionCopy, examples: list[dict]) -> list[dict]:
-        if not examples:
+    def _predict(self, copy: VersionCopy, c: Candidates) -> list[dict]:
+        m = len(c.item_ids)
+        if not m:
             return []
-        meta = self._meta
-        counts = self._hasher.count_values(examples)  # read once for both
-        indptr, indices = self._hasher.batch(examples, counts)
+        meta, hasher = self._meta, self._hasher
+        entities, names = self._count_at
+        # [examples, the version's entities x its count names], as count_values reads them
+        counts = c.counts[c.rows[:, entities]][:, :, names].reshape(m, -1)
+        feats = [{**a, **c.context} for a in c.attrs]
+        if counts.size and (counts.min() < 0 or counts.max() >= 1 << 53):
+            # counts the vector path refuses: the examples as dicts, hashed one by one
+            examples = c.examples(self.features.feature_names, list(self.spec.entities))
+            indptr, indices = hasher.batch(examples)
+        else:
+            indptr, indices = hasher.request_batch(c.user_id, c.item_ids, c.attrs, c.context,
+                                                   counts)
         rows = csr_rows(indptr)
-        m = len(examples)
-        w = copy.get_vectors("ftrl", indices)[:, 0].astype(np.float64)
+        w = self._weights.get("ftrl", indices)[:, 0]
         p_ftrl = sigmoid(np.bincount(rows, weights=w, minlength=m))
-        mv = copy.get_vectors("bopr", indices,
-                              np.array([0.0, meta["bopr_prior_variance"]])).astype(np.float64)
+        mv = self._weights.get("bopr", indices)
         mean = np.bincount(rows, weights=mv[:, 0], minlength=m)
         var = np.bincount(rows, weights=mv[:, 1], minlength=m)
         p_bopr = norm_cdf(mean / np.sqrt(meta["bopr_beta"] ** 2 + var))
@@ -201,16 +279,65 @@ class Scorer:
             p_ftrl = recalibrate(p_ftrl, meta["sample_rate"])
             p_bopr = recalibrate(p_bopr, meta["sample_rate"])
         n = meta["fallback_rows"]
-        u = _own_or_fallback(copy.get_rows("user", serving_keys(examples[0]["user_id"], n)))
-        v = _own_or_fallback(copy.get_rows(
-            "item", [k for e in examples for k in serving_keys(e["item_id"], n)]))
+        u = _own_or_fallback(copy.get_rows("user", serving_keys(c.user_id, n)))
+        v = self._item_vectors(copy, c.item_ids, n)
         dense = copy.get_vectors("dense", np.arange(dense_dim(*self._counts) + 1))
-        x = dense_features(examples, *self._counts, counts if self._shared_counts else None)
+        x = dense_features([{"features": f} for f in feats], *self._counts, counts)
         p_emb = score_vectors(np.repeat(u, m, axis=0), v, x, dense[:, 0])
-        return [{"item_id": e["item_id"], "ftrl": float(a), "bopr": float(b),
-                 "bopr_std": float(s), "emb": float(c)}
-                for e, a, b, s, c in zip(examples, p_ftrl, p_bopr, np.sqrt(var), p_emb,
-                                         strict=True)]
+        return [{"item_id": i, "ftrl": a, "bopr": b, "bopr_std": s, "emb": e}
+                for i, a, b, s, e in zip(c.item_ids, p_ftrl.tolist(), p_bopr.tolist(),
+                                         np.sqrt(var).tolist(), p_emb.tolist(), strict=True)]
+
+    def _item_vectors(self, copy: VersionCopy, item_ids: list[str], n: int) -> np.ndarray:
+        """Each item's row, its own or its fallback row: looked up once per item and version
+        (kept in ``_item_rows``, dropped with the copy)."""
+        at = self._item_rows
+        new = [i for i in dict.fromkeys(item_ids) if i not in at]
+        if new:
+            if len(at) + len(new) > self.attributes_kept:
+                at.clear()
+                new = list(dict.fromkeys(item_ids))
+            index, _ = copy.rows["item"]
+            for i in new:
+                own, fallback = serving_keys(i, n)
+                at[i] = index.get(own, index.get(fallback, -1))
+        at = np.fromiter((at[i] for i in item_ids), np.intp, len(item_ids))
+        vectors = copy.rows["item"][1].vectors[at].astype(np.float64)
+        vectors[at < 0] = 0.0  # neither row: zeros, as get_rows reads them
+        return vectors
+
+
+class Candidates(NamedTuple):
+    """A request's items, their attributes and the counts of every entity they name."""
+
+    user_id: str
+    item_ids: list[str]
+    attrs: list[dict]  # each item's attributes from the catalog
+    context: Mapping
+    pairs: list[tuple[str, str]]  # the (entity, id) whose counts were read
+    counts: np.ndarray  # int64 [pairs + 1, the store's feature names]: their counts, 0s last
+    rows: np.ndarray  # [items, the spec's entities]: the row of each example's entity, or -1
+
+    def examples(self, names: Sequence[str], entities: Sequence[str]) -> list[dict]:
+        """The examples as dicts, ``counts`` as the learn flow's examples hold them."""
+        counts = self.counts.tolist()
+        return [{"user_id": self.user_id, "item_id": item,
+                 "features": {**attrs, **self.context},
+                 "counts": {e: dict(zip(names, counts[r], strict=True))
+                            for e, r in zip(entities, rows, strict=True) if r >= 0}}
+                for item, attrs, rows in zip(self.item_ids, self.attrs, self.rows.tolist(),
+                                             strict=True)]
+
+
+def _distinct(ids: list[list]) -> list[tuple[str, str]]:
+    """The pairs of ``ids`` (lists of pairs or None), each once, in order."""
+    seen = dict.fromkeys(p for ps in ids for p in ps)
+    seen.pop(None, None)
+    return list(seen)
+
+
+def _text(v) -> str:
+    return v if type(v) is str else str(v)
 
 
 def _own_or_fallback(rows) -> np.ndarray:

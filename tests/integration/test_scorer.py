@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from flows.build import feature_spec, feature_store, model_settings, model_store, scorer
+from joiner.events import Impression
 from learners.model import Models
 from learners.scorer import LoadedVersion
 from tests.integration.test_embeddings_cli import synthetic
@@ -136,3 +137,21 @@ def test_new_attributes_cost_one_more_round_trip_and_are_used(setup, monkeypatch
     n = trips.n
     s.score("u1", items, CONTEXT)
     assert trips.n == n + 1
+
+
+def test_examples_hold_the_stores_counts_of_each_entity(setup):
+    """What check_equal feeds the learner is what the store holds, entity by entity."""
+    cfg, models, store, version, _ = setup
+    spec = feature_spec(cfg)
+    features = feature_store(cfg, spec.feature_names())
+    items = ["i1", "i2", "never-seen"]
+    _, examples = scorer(cfg).examples("u1", items, CONTEXT)
+    assert [e["item_id"] for e in examples] == items
+    for e in examples:
+        imp = Impression("", 0, "u1", e["item_id"], e["features"])
+        pairs = spec.entity_ids(imp)
+        assert list(e["counts"]) == [entity for entity, _ in pairs]
+        for (entity, _), row in zip(pairs, features.get_pairs(pairs), strict=True):
+            assert e["counts"][entity] == {n: row[n] for n in spec.feature_names()}
+    assert examples[0]["features"] == {"category": "c1", **CONTEXT}
+    assert examples[0]["counts"]["user_category"]["imp_5m"] > 0  # written by the fixture

@@ -208,3 +208,33 @@ def test_bits_and_ctr_buckets():
     hot = {"counts": {"item": {"imp_1h": 1000, "clk_1h": 300}}}
     cold = {"counts": {"item": {"imp_1h": 1000, "clk_1h": 1}}}
     assert not np.array_equal(h.indices(hot), h.indices(cold))
+
+
+@pytest.mark.parametrize("context", [
+    {"device": "mobile", "position": 2, "hour": 20},
+    {"device": "tv", "position": 2.0, "category": "c-ctx"},  # the context's category wins
+    {"device": None, "hour": "7"},  # a None field: no feature, no cross, the item's unread
+    {},
+])
+def test_request_batch_is_batch_of_the_requests_examples(context):
+    crosses = [("user_id", "category"), ("item_id", "position"), ("device", "hour"),
+               ("user_id", "device"), ("category", "item_id", "hour")]
+    h = FeatureHasher(bits=10, crosses=crosses)  # small: collisions happen
+    names = ["imp_5m", "clk_5m", "imp_1h", "clk_1h", "imp_24h", "clk_24h"]
+    rng = np.random.default_rng(len(context))
+    items = [f"i{k}" for k in range(40)]
+    attrs = [{"category": f"c{k % 3}", "brand": k % 4} if k % 5 else
+             {"device": "desktop"} if k % 2 else {} for k in range(40)]
+    attrs[7] = {"category": None, "position": 9}
+    examples = [{"user_id": "u3", "item_id": i, "features": {**a, **context},
+                 "counts": {e: {n: int(rng.integers(0, 1 << 20)) for n in names}
+                            for e in ("user", "item", "category", "user_category",
+                                      "item_position")}}
+                for i, a in zip(items, attrs, strict=True)]
+    counts = h.count_values(examples)
+    want = h.batch(examples)
+    got = h.request_batch("u3", items, attrs, context, counts)
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    with pytest.raises(ValueError, match="ctr_prior"):
+        from features.derived import BetaPrior
+        FeatureHasher(ctr_prior=BetaPrior(1, 30)).request_batch("u", [], [], {}, counts[:0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
 import pytest
 import redis
 from hypothesis import given
@@ -72,3 +73,19 @@ def test_feature_names_need_not_be_identifiers():
     s = store(names=["it's", 'a "b"', "c\\d"])
     assert s._rows([s.pack({"it's": 1, 'a "b"': 2, "c\\d": 3}, 7)]) == [
         {"_ts": 7, "it's": 1, 'a "b"': 2, "c\\d": 3, "_missing": False}]
+
+
+def test_decode_counts_is_decode_pairs_as_an_array():
+    s = store()
+    meta = [b"2", b'["imp_5m", "clk_5m", "imp_1h"]', b"i64le"]
+    raw = [s.pack({"imp_5m": 4, "imp_1h": 2**40}, 5), None,
+           store(version=1).pack({"clk_5m": 1}, 5), b"xyz", s.pack({"clk_5m": -3}, 7)]
+    counts = s.decode_counts([meta, raw])
+    assert counts.dtype == np.int64 and counts.tolist() == [
+        [r[n] for n in NAMES] for r in s.decode_pairs([meta, raw])]
+    assert counts.tolist() == [[4, 0, 2**40], [0, 0, 0], [0, 0, 0], [0, 0, 0], [0, -3, 0]]
+    assert s.decode_counts([meta]).shape == (0, 3)
+    with pytest.raises(SchemaMismatch, match="a row has schema version 3"):
+        s.decode_counts([meta, [store(version=3).pack({}, 1)]])
+    with pytest.raises(SchemaMismatch, match="schema version 1, this reader expects 2"):
+        s.decode_counts([[b"1", meta[1], meta[2]], []])
