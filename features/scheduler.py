@@ -32,8 +32,9 @@ DONE = 2**62  # the watermark of a partition that has reached the end of its inp
 # [(entity, id, {feature: count}, as of ts)] for the feature store
 Rows = list[tuple[str, str, dict[str, int], int]]
 SHARD_CACHE = 200_000  # entities whose shard a router remembers
-# (impression id, parts expected, JSON of {entity: {feature: count}}): one shard's part
-Part = tuple[str, int, bytes]
+# (impression id, parts expected, JSON of {entity: {feature: count}}, the impression's ts): one
+# shard's part
+Part = tuple[str, int, bytes, int]
 
 
 def shard_of(entity: str, id: str, shards: int) -> int:
@@ -174,11 +175,11 @@ class PointInTimeScheduler:
     >>> [(_, signals)] = ShardRouter(spec, 1).route(
     ...     [(SEEN, b), (CLICKED, (a, 2_000)), (SEEN, a), (WATERMARK, (0, 2_000))])
     >>> s.push(signals)  # a's part (of 1): the watermark is pit_delay_ms past it
-    [('a', 1, b'{"user":{"imp_1m":0,"clk_1m":0}}')]
+    [('a', 1, b'{"user":{"imp_1m":0,"clk_1m":0}}', 1000)]
     >>> s.rows()  # counted up to lateness - delay past the watermark: all three, as of 3 s
     [('user', 'u1', {'imp_1m': 1, 'clk_1m': 1}, 3000)]
     >>> s.push([(WATERMARK, (0, DONE))])  # the end: every snapshot; b's leaves b out
-    [('b', 1, b'{"user":{"imp_1m":1,"clk_1m":1}}')]
+    [('b', 1, b'{"user":{"imp_1m":1,"clk_1m":1}}', 3000)]
     """
 
     def __init__(self, spec: FeatureSpec, partitions: int, allowed_lateness_ms: int,
@@ -253,7 +254,7 @@ class PointInTimeScheduler:
                     next_ts is None or snapshots[0][0] <= next_ts):
                 ts, _, impression_id, ids, n = heapq.heappop(snapshots)
                 # as JSON bytes: bytewax deep-copies keyed state, and bytes copy for free
-                out.append((impression_id, n, orjson.dumps(c.snapshot_at(ts, ids))))
+                out.append((impression_id, n, orjson.dumps(c.snapshot_at(ts, ids)), ts))
             if next_ts is None:
                 break
             ts, seq, kind, value = heapq.heappop(waiting)

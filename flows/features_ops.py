@@ -8,17 +8,19 @@ import functools
 import logging
 import os
 import time
+import zlib
 from pathlib import Path
 
 import redis
 from bytewax.operators import StatefulBatchLogic
 
-from features.scheduler import Part, PointInTimeScheduler, merge_parts
+from features.scheduler import DONE, Part, PointInTimeScheduler, merge_parts
 from features.spec import FeatureSpec
 from features.store import BufferedWriter
 from flows import metrics
 from flows.build import feature_store, feature_writer, redis_client
 from flows.config import Config
+from joiner.join import EXAMPLE
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,47 @@ REDIS_CHECK_S = 5.0  # how often a shard checks that Redis still holds what it w
 # counters placed otherwise cannot be resumed. 2: by the value of the entity's first field.
 PLACEMENT = 2
 PIT = "pit"  # (shard, parts, JSON of {entity: {feature: count}}): a shard's part of the counts
+
+
+# The attach step's keys: an impression's example and parts meet under the key of its cell,
+# (ts // ATTACH_BUCKET_MS, a hash of its id % ATTACH_SPREAD): a key holds many impressions
+# (bytewax's cost is per key), an epoch's snapshots cover only the few cells it touched (each
+# impression's parts come pit_delay_ms after its ts, its example the wait window after), and a
+# cell is discarded once all its impressions are attached. Cells are placed like the shards,
+# balanced for any worker count dividing ATTACH_BALANCED_FOR.
+ATTACH_BUCKET_MS = 5_000
+ATTACH_SPREAD = 4
+ATTACH_BALANCED_FOR = 12
+# The attach step's state format; a recovery store holding another (1: a key per impression)
+# cannot be resumed.
+ATTACH_FORMAT = 2
+
+
+def _balanced_key(base: str, slot: int, balanced_for: int) -> str:
+    """``base``, or ``base.j`` for the first j, that bytewax sends to worker ``slot % W`` for
+    every worker count W dividing ``balanced_for``."""
+    key, j = base, 0
+    while _worker_hash(key) % balanced_for != slot % balanced_for:
+        key, j = f"{base}.{j}", j + 1
+    return key
+
+
+@functools.lru_cache(maxsize=4096)
+def _cell_key(bucket: int, spread: int) -> str:
+    return _balanced_key(f"a{bucket}.{spread}", bucket * ATTACH_SPREAD + spread,
+                         ATTACH_BALANCED_FOR)
+
+
+def attach_key(ts: int, impression_id: str) -> str:
+    """The attach step's key of an impression (the same in every process and run).
+
+    >>> attach_key(12_345, "i1") == attach_key(14_999, "i1") != attach_key(15_000, "i1")
+    True
+    >>> sorted({_worker_hash(attach_key(7_000, f"i{n}")) % 2 for n in range(20)})
+    [0, 1]
+    """
+    return _cell_key(ts // ATTACH_BUCKET_MS,
+                     zlib.crc32(impression_id.encode("utf-8", "surrogatepass")) % ATTACH_SPREAD)
 
 
 @functools.cache
@@ -46,13 +89,7 @@ def shard_keys(shards: int) -> list[str]:
     >>> [_worker_hash(k) % 2 for k in shard_keys(4)], [_worker_hash(k) % 3 for k in shard_keys(4)]
     ([0, 1, 0, 1], [0, 1, 2, 0])
     """
-    keys = []
-    for k in range(shards):
-        key, j = str(k), 0
-        while _worker_hash(key) % BALANCED_FOR != k % BALANCED_FOR:
-            key, j = f"{k}.{j}", j + 1
-        keys.append(key)
-    return keys
+    return [_balanced_key(str(k), k, BALANCED_FOR) for k in range(shards)]
 
 
 _M = (1 << 64) - 1
@@ -218,32 +255,103 @@ class CountersLogic(StatefulBatchLogic):
 
 
 def parts(kv: tuple[str, tuple[int, list[Part]]]) -> list[tuple[str, tuple]]:
-    """A shard's parts, each keyed by its impression id for `attach`."""
+    """A shard's parts, each keyed by its impression's `attach_key`."""
     k, out = kv[1]
-    return [(iid, (PIT, (k, n, counts))) for iid, n, counts in out]
+    return [(attach_key(ts, iid), (PIT, iid, ts, (k, n, counts))) for iid, n, counts, ts in out]
+
+
+def example(impression_id: str, ts: int, value: bytes) -> tuple[str, tuple]:
+    """An example for the attach step (value: its JSON), keyed by its `attach_key`."""
+    return attach_key(ts, impression_id), (EXAMPLE, impression_id, ts, value)
+
+
+class HeldImpressions:
+    """The attach step's keys in one process, to find impressions held past their time: once
+    a part for ts T has come, every impression before ``T + pit_delay_ms - wait_window_ms``
+    has had its example emitted and all its parts (parts come in ts order, once every join
+    partition's watermark is ``pit_delay_ms`` past them; an example once its partition's is the
+    wait window past), so one still held then lost its example or a part. It is logged and
+    dropped (``dropped``), not kept forever. Checked at most once a bucket of parts' ts."""
+
+    def __init__(self, cfg: Config) -> None:
+        # an extra wait window of margin: dropping loses an example
+        self.lag_ms = (max(cfg.join.wait_window_ms - cfg.features.pit_delay_ms, 0)
+                       + cfg.join.wait_window_ms + ATTACH_BUCKET_MS)
+        self.live: set[AttachLogic] = set()
+        self.newest_part = -DONE  # the ts of the newest part seen
+        self.checked_to = -DONE
+        self.dropped = 0
+
+    def check(self) -> None:
+        limit = self.newest_part - self.lag_ms  # impressions before it should all be done
+        if limit < self.checked_to + ATTACH_BUCKET_MS:
+            return
+        self.checked_to = limit
+        for logic in list(self.live):
+            if (logic.bucket + 1) * ATTACH_BUCKET_MS > limit:
+                continue
+            self.live.discard(logic)  # a key that gets something again comes back
+            if logic.pending:
+                ids = sorted(logic.pending)
+                self.dropped += len(ids)
+                log.warning("attach_counts: %d impressions of ts %d..%d never got their example "
+                            "or all their parts (the newest part is of ts %d): dropped, e.g. %s",
+                            len(ids), logic.bucket * ATTACH_BUCKET_MS,
+                            (logic.bucket + 1) * ATTACH_BUCKET_MS - 1, self.newest_part,
+                            ids[:3])
+                logic.pending = {}
 
 
 class AttachLogic(StatefulBatchLogic):
-    """Joins an example (key: its impression id) with the parts of its point-in-time counts,
-    in whatever order they arrive: once the example and all the parts its impression's
-    shards announced are in. A key per impression; its state is immutable (bytes and tuples),
-    so its snapshot is the state itself, not a deep copy."""
+    """Joins examples with the parts of their point-in-time counts, in whatever order they
+    arrive: an example is written once it and all the parts its impression's shards announced
+    are in. A key per cell of impressions (`attach_key`); its state is a dict of immutable
+    tuples (example or None, parts), so a snapshot is a shallow copy."""
 
-    def __init__(self, resume: tuple | None) -> None:
-        self.example, self.parts = resume or (None, ())
+    def __init__(self, held: HeldImpressions, resume: tuple | None) -> None:
+        if resume is not None and (len(resume) != 3 or resume[0] != ATTACH_FORMAT):
+            raise ValueError("the recovery store holds the attach step's state in another "
+                             f"format (format {ATTACH_FORMAT} is a key per cell of "
+                             "impressions, not per impression): let the join flow that wrote "
+                             "it finish, or start from a new recovery store")
+        self.held = held
+        self.bucket, self.pending = (resume[1], dict(resume[2])) if resume else (0, {})
+        if self.pending:
+            held.live.add(self)
 
     def on_batch(self, values: list) -> tuple[list, bool]:
-        for kind, payload in values:
+        pending, out, newest = self.pending, [], self.held.newest_part
+        for kind, iid, ts, payload in values:
+            ex, got = pending.pop(iid, (None, ()))
             if kind == PIT:
-                self.parts += (payload,)
+                got += (payload,)
+                if ts > newest:
+                    newest = ts
             else:
-                self.example = payload
-        got = self.parts
-        if self.example is None or not got or len(got) < got[0][1]:
-            return [], StatefulBatchLogic.RETAIN
-        counts = merge_parts([(k, c) for k, _, c in got])
-        # example bytes are a compact JSON object: splice the counts in before its '}'
-        return [self.example[:-1] + b',"counts":' + counts + b"}"], StatefulBatchLogic.DISCARD
+                ex = payload
+            if ex is not None and got and len(got) == got[0][1]:
+                counts = merge_parts([(k, c) for k, _, c in got])
+                # example bytes are a compact JSON object: splice the counts in before its '}'
+                out.append((iid, ex[:-1] + b',"counts":' + counts + b"}"))
+            else:
+                pending[iid] = (ex, got)
+        self.bucket = ts // ATTACH_BUCKET_MS
+        held = self.held
+        held.newest_part = newest
+        if pending:
+            held.live.add(self)
+            return out, StatefulBatchLogic.RETAIN
+        held.live.discard(self)
+        return out, StatefulBatchLogic.DISCARD
+
+    def on_eof(self) -> tuple[list, bool]:
+        if self.pending:
+            log.warning("attach_counts: %d impressions of ts %d..%d held at the end of the "
+                        "input without their example or all their parts, e.g. %s",
+                        len(self.pending), self.bucket * ATTACH_BUCKET_MS,
+                        (self.bucket + 1) * ATTACH_BUCKET_MS - 1, sorted(self.pending)[:3])
+        return [], StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> tuple:
-        return self.example, self.parts
+        self.held.check()
+        return ATTACH_FORMAT, self.bucket, dict(self.pending)

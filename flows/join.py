@@ -45,8 +45,9 @@ from joiner.join import (
 log = logging.getLogger(__name__)
 
 # The source's records come in the shape their first step takes, so no step re-shapes every
-# record: (topic, key, value) goes to Kafka as it is; (impression id, (EXAMPLE, bytes)) is an
-# example for the attach step (features on; off, it is a (topic, key, value) like the rest);
+# record: (topic, key, value) goes to Kafka as it is; with features on, an example is
+# (its attach_key, (EXAMPLE, impression id, ts, bytes)) for the attach step (off, it is a
+# (topic, key, value) like the rest);
 # (shard key, (shard, signals)) feeds the counters. One `branch` sends each example on (three
 # filter_maps and a map each cost a Python call and a bytewax hop per record).
 
@@ -177,7 +178,7 @@ class _JoinPartition(StatefulSourcePartition):
             return dead_letter(self.cfg, topic, self.part, value["offset"],
                                value["reason"], value["raw"])
         if kind == EXAMPLE and self.joiner.signals:
-            return key, (EXAMPLE, value)
+            return fo.example(*key, value)  # key: (impression id, ts)
         return self.cfg.kafka.examples_topic, key, value
 
     def _report(self, now: float) -> None:
@@ -247,11 +248,13 @@ def build(cfg: Config | str | None = None, until_eof: bool = False) -> Dataflow:
             "counters", rest.trues,
             lambda resume: fo.CountersLogic(cfg, spec, input_partitions(cfg), shared, resume))
         parts = op.flat_map("parts", counted, fo.parts)
+        held = fo.HeldImpressions(cfg)  # one per process, like `shared`
         examples = op.stateful_batch("attach_counts",
                                      op.merge("parts_and_examples", parts, split.trues),
-                                     fo.AttachLogic)
+                                     lambda resume: fo.AttachLogic(held, resume))
         topic = cfg.kafka.examples_topic
+        # (cell key, (impression id, example)) -> (topic, impression id, example)
         records = op.merge("all_out", rest.falses,
-                           op.map("to_examples", examples, lambda kv: (topic, kv[0], kv[1])))
+                           op.map("to_examples", examples, lambda kv: (topic, *kv[1])))
     op.output("kafka_out", records, KafkaRecordSink(cfg))
     return flow

@@ -47,7 +47,7 @@ IMPRESSIONS = "impressions"
 CLICKS = "clicks"
 
 # Output records are (kind, key, value) tuples.
-EXAMPLE = "example"  # value: JSON bytes of the labeled example
+EXAMPLE = "example"  # value: JSON bytes of the labeled example; key (id, ts) with signals on
 LATE_CLICK = "late_click"  # value: JSON bytes of the correction record
 DEAD_LETTER = "dead_letter"  # value: dict(stream, offset, reason, raw[:MAX_DEAD_RAW_BYTES])
 SEEN = "seen"  # value: Impression (signal for real-time count features)
@@ -322,7 +322,9 @@ class WaitWindowJoiner:
         else:
             suffix = self._negative_suffix  # most examples: the same bytes every time
         # payload is a compact JSON object ending in '}': splice the label in without a re-parse
-        out.append((EXAMPLE, key, payload[:-1] + suffix))
+        # (with signals on, the key is (impression id, ts): the count features' attach step
+        # places an example by its impression's ts)
+        out.append((EXAMPLE, (key, ts) if self.signals else key, payload[:-1] + suffix))
 
     def caught_up(self, stream: str, now: float) -> None:
         """The reader reached the end of ``stream``: from now on its silence is real."""

@@ -41,7 +41,7 @@ def push(s, batch):
 
 
 def counts(pits):
-    return {i: orjson.loads(j) for i, _, j in pits}
+    return {i: orjson.loads(j) for i, _, j, _ in pits}
 
 
 def recount(events, im):
@@ -107,11 +107,12 @@ def test_snapshots_are_a_recount_strictly_before_whatever_the_arrival_order():
     events, batches = partitioned_batches(1)
     pits = run(scheduler(partitions=2), batches)
     imps = {e.impression_id: e for k, e, _ in events if k == SEEN}
-    assert sorted(i for i, _, _ in pits) == sorted(imps)  # each exactly once
+    assert sorted(i for i, _, _, _ in pits) == sorted(imps)  # each exactly once
     got = counts(pits)
     for iid, im in imps.items():
         assert got[iid] == recount(events, im), iid
-    ts = [imps[i].ts for i, _, _ in pits]
+    assert all(t == imps[i].ts for i, _, _, t in pits)  # each part says its impression's ts
+    ts = [t for _, _, _, t in pits]
     assert ts == sorted(ts)  # in event-time order
     assert sum(v["user"]["clk_1m"] for v in got.values()) > 50  # clicks were counted
 
@@ -125,7 +126,7 @@ def test_the_lowest_partition_watermark_holds_snapshots_back():
     assert push(s, [(WATERMARK, (0, 0)), (WATERMARK, (1, 94 * SEC))]) == []
     assert s.rows() != []  # counted
     assert push(s, [(WATERMARK, (1, 103_999))]) == []
-    assert [i for i, _, _ in push(s, [(WATERMARK, (1, 104 * SEC))])] == ["u1-100000"]
+    assert [i for i, _, _, _ in push(s, [(WATERMARK, (1, 104 * SEC))])] == ["u1-100000"]
 
 
 def test_counts_leave_out_the_impression_itself_and_anything_later():
@@ -155,7 +156,7 @@ def test_snapshot_waits_pit_delay_while_counting_runs_ahead():
     # neighbour, counted before it went out
     assert push(s, [(WATERMARK, (0, t + 500))]) == []
     pits = push(s, [(SEEN, imp(t - SEC, user="u3")), (WATERMARK, (0, t + 4 * SEC - 1))])
-    assert [i for i, _, _ in pits] == ["u3-99000"]  # its own delay has passed
+    assert [i for i, _, _, _ in pits] == ["u3-99000"]  # its own delay has passed
     pits = push(s, [(WATERMARK, (0, t + 4 * SEC))])
     assert counts(pits) == {"u2-100000": {
         "user": {"imp_1m": 0, "clk_1m": 0, "imp_1h": 0, "clk_1h": 0},
@@ -215,7 +216,7 @@ def sharded_run(batches, shards, stop=None):
     parts: dict = {}
     for b in batches[:stop]:
         for k, signals in router.route(b):
-            for iid, n, part in ss[k].push(signals):
+            for iid, n, part, _ in ss[k].push(signals):
                 parts.setdefault(iid, []).append((k, n, part))
     return parts, ss
 
@@ -247,7 +248,7 @@ def test_sharded_resume_midway_gives_the_same_parts():
     after: dict = {}
     for b in batches[half:]:
         for k, signals in router.route(b):
-            for iid, n, part in resumed[k].push(signals):
+            for iid, n, part, _ in resumed[k].push(signals):
                 after.setdefault(iid, []).append((k, n, part))
     joined = {i: sorted(before.get(i, []) + after.get(i, [])) for i in straight}
     assert joined == {i: sorted(v) for i, v in straight.items()}

@@ -237,6 +237,9 @@ def test_signals_carry_the_impression_for_count_features():
     (_, seen), = d.kinds(SEEN)
     (_, (clicked, click_ts)), = d.kinds(CLICKED)
     assert seen.user_id == "u9" and clicked.features == {"category": "c1"} and click_ts == 1500
+    d.feed(("i", imp("z", 1000 + W + 1)), ("c", clk("z", 1000 + W + 1)))  # a's window closes
+    (key, ex), = d.kinds(EXAMPLE)  # the attach step places an example by its impression's ts
+    assert key == ("a", 1000) and ex["label"] == 1
 
 
 def test_health_quarantines_when_click_stream_stops_and_clears_after():
