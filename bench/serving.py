@@ -13,7 +13,7 @@ a small published model and count features for every user and item:
     under the same load. Without wrk, a Python load generator (httpx, asyncio) stands in
     and says so.
 
-    python bench/serving.py [--seconds 5] [--items 100] [--json]
+    python bench/serving.py [--seconds 5] [--items 100] [--workers 2] [--json]
 
 The load generator runs on the same machine and competes with the server for CPU: the HTTP
 figures are an upper bound of what the server alone costs.
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import shutil
 import subprocess
@@ -174,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--items", type=int, default=100, help="items per /score request")
     ap.add_argument("--trials", type=int, default=1000, help="in-process score calls")
     ap.add_argument("--entities", type=int, default=20_000, help="entities for [0]")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="ctrstream serve --workers (default: the CPUs)")
     ap.add_argument("--json", action="store_true", help="print one JSON object last")
     args = ap.parse_args(argv)
     state = Path(tempfile.mkdtemp(prefix="bench-serving-"))
@@ -206,7 +209,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg_path.write_text(cfg.to_toml())
         port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "ctrstream.cli", "--config",
-                                 str(cfg_path), "serve", "--port", str(port)],
+                                 str(cfg_path), "serve", "--port", str(port),
+                                 "--workers", str(args.workers)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
@@ -220,10 +224,13 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"ctrstream serve did not start: {proc.stderr.read()[-2000:]}")
             time.sleep(0.1)
 
-        # the first /score loads the model (about a second); the pool's scorers share it
-        httpx.post(base + "/score", json=bodies[0], timeout=60).raise_for_status()
+        # the first /score of a worker loads the model (about a second); its scorers share it
+        for b in bodies[:4 * args.workers]:
+            httpx.post(base + "/score", json=b, timeout=60).raise_for_status()
+        out["http_workers"] = args.workers
         use_wrk = shutil.which("wrk") is not None
-        print(f"[2] HTTP, closed loop, {args.seconds:.0f} s per line, load from "
+        print(f"[2] HTTP, {args.workers} server worker(s), closed loop, {args.seconds:.0f} s "
+              "per line, load from "
               + ("wrk" if use_wrk else "httpx (no wrk: apt-get install wrk)")
               + " on the same machine")
         for clients in (1, 16):

@@ -52,12 +52,14 @@ class LoadedVersion:
         self.loads = 0
         self._lock = threading.Lock()
 
-    def get(self, models: ModelStore, version: str, generation: int | None
+    def get(self, models: ModelStore, version: str, generation: int | None, load: bool = True
             ) -> tuple[VersionCopy, Weights]:
-        """The copy of ``version`` at ``generation`` or later, loaded if there is none, and
-        its hashed models' weights."""
+        """The copy of ``version`` at ``generation`` or later, loaded if there is none (or
+        `NotLoaded` raised, without ``load``), and its hashed models' weights."""
         copy, weights = self.copy, self.weights
         if not _fresh(copy, version, generation):
+            if not load:
+                raise NotLoaded(version, generation)
             with self._lock:  # the others wait for the one load
                 copy, weights = self.copy, self.weights
                 if not _fresh(copy, version, generation):
@@ -94,6 +96,16 @@ class Weights:
         else:
             values = self.tables[model][indices]
         return values.astype(np.float64)
+
+
+class NotLoaded(Exception):
+    """The version (or generation) a request needs is not loaded, and the caller said not to
+    load it (`Scorer.score` with ``load=False``): a server loads it off its event loop
+    (`Scorer.load`), then scores again."""
+
+    def __init__(self, version: str, generation: int | None) -> None:
+        super().__init__(f"model version {version} (generation {generation}) not loaded")
+        self.version, self.generation = version, generation
 
 
 def _fresh(copy: VersionCopy | None, version: str, generation: int | None) -> bool:
@@ -142,13 +154,14 @@ class Scorer:
         self._meta = meta
         return meta
 
-    def _model(self, pointer: str | None, generation: int | None) -> VersionCopy:
+    def _model(self, pointer: str | None, generation: int | None, load: bool = True
+                ) -> VersionCopy:
         """The copy of the version ``pointer`` names, loaded again unless it is the one kept
         and ``generation`` (its counter, read with the request) has not moved."""
         if pointer is None:
             raise ModelStoreError(f"no model published in {self.models.prefix} yet "
                                   "(run the learn flow, or the daily retrain)")
-        copy, self._weights = self._shared.get(self.models, pointer, generation)
+        copy, self._weights = self._shared.get(self.models, pointer, generation, load)
         if copy is not self._copy:
             self._use_meta(pointer, copy.meta)
             self._copy, self.version = copy, pointer
@@ -245,12 +258,18 @@ class Scorer:
         return pointer, c.examples(self.features.feature_names, list(self.spec.entities))
 
     def score(self, user_id: str, item_ids: Sequence[str],
-              context: Mapping | None = None) -> list[dict]:
+              context: Mapping | None = None, *, load: bool = True) -> list[dict]:
         """pCTR per item from FTRL, BOPR (with the spread of its score) and the embedding
-        model, in the order given."""
+        model, in the order given. ``load=False``: raise `NotLoaded` rather than load a
+        version (about a second for the default model)."""
         pointer, generation, candidates = self._request(user_id, item_ids, context)
-        copy = self._model(pointer, generation)
+        copy = self._model(pointer, generation, load)
         return self._predict(copy, candidates)
+
+    def load(self, version: str, generation: int | None) -> None:
+        """Load ``version`` at ``generation`` (what `NotLoaded` names) for the scorers that
+        share this one's copy."""
+        self._shared.get(self.models, version, generation)
 
     def _predict(self, copy: VersionCopy, c: Candidates) -> list[dict]:
         m = len(c.item_ids)

@@ -12,7 +12,7 @@ import redis
 from flows.build import feature_spec, feature_store, model_settings, model_store, scorer
 from joiner.events import Impression
 from learners.model import Models
-from learners.scorer import LoadedVersion
+from learners.scorer import LoadedVersion, NotLoaded
 from tests.integration.test_embeddings_cli import synthetic
 
 CONTEXT = {"device": "mobile", "position": 2, "hour": 20}
@@ -155,3 +155,19 @@ def test_examples_hold_the_stores_counts_of_each_entity(setup):
             assert e["counts"][entity] == {n: row[n] for n in spec.feature_names()}
     assert examples[0]["features"] == {"category": "c1", **CONTEXT}
     assert examples[0]["counts"]["user_category"]["imp_5m"] > 0  # written by the fixture
+
+
+def test_without_load_a_version_not_loaded_is_named_then_loaded_apart(setup):
+    """As the HTTP server scores: never loading on its event loop, but in a thread."""
+    cfg, models, store, version, records = setup
+    s = scorer(cfg)
+    with pytest.raises(NotLoaded) as e:
+        s.score("u1", ["i1"], CONTEXT, load=False)
+    assert e.value.version == version and s.loads == 0
+    s.load(e.value.version, e.value.generation)
+    check_equal(s, models, ["u1"], ["i1", "i2"])
+    s.score("u1", ["i1"], CONTEXT, load=False)
+    models.learn(records[400:500])
+    models.push(store, version)  # a push: the next request needs the new generation
+    with pytest.raises(NotLoaded):
+        s.score("u1", ["i1"], CONTEXT, load=False)

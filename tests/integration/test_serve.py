@@ -5,10 +5,14 @@ the answer README.md documents, and the server recovers on its own."""
 
 from __future__ import annotations
 
+import contextlib
+import re
 import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -176,3 +180,78 @@ def test_metrics_count_requests(served):
     text = http.get("/metrics").text
     assert 'ctrstream_serve_requests_total{endpoint="healthz",status="200"}' in text
     assert "ctrstream_serve_request_seconds_bucket" in text
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) \
+                    == pid:
+                out.append(int(p.name))
+        except (OSError, ValueError):
+            pass  # gone meanwhile
+    return out
+
+
+def _metrics_dir(pid: int) -> Path | None:
+    """PROMETHEUS_MULTIPROC_DIR as a worker of the server ``pid`` was started with."""
+    for child in _children(pid):
+        with contextlib.suppress(OSError):
+            for var in (Path(f"/proc/{child}/environ").read_bytes().split(b"\0")):
+                if var.startswith(b"PROMETHEUS_MULTIPROC_DIR="):
+                    return Path(var.split(b"=", 1)[1].decode())
+    return None
+
+
+def test_two_workers_answer_as_one_server(served, tmp_path):
+    """--workers 2: two processes on one port, each answering as the Python API does, and
+    /metrics of either counting the requests of both; the metrics directory goes with them."""
+    _, cfg, _, _ = served
+    path = tmp_path / "ctrstream.toml"
+    path.write_text(cfg.to_toml())
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ctrstream.cli", "--config", str(path),
+                             "serve", "--port", str(port), "--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    body = {"user": "u3", "items": ITEMS, "context": CONTEXT}
+    want = scorer(cfg).score("u3", ITEMS, CONTEXT)
+    sent = 0
+
+    def score_on_new_connections(n: int = 8) -> list[dict]:
+        # concurrent, a connection each: while one worker scores, the other accepts
+        nonlocal sent
+        with ThreadPoolExecutor(n) as pool:
+            answers = list(pool.map(lambda _: httpx.post(base + "/score", json=body,
+                                                         timeout=30), range(n)))
+        sent += n
+        assert {r.status_code for r in answers} == {200}
+        return [r.json() for r in answers]
+
+    try:
+        wait_until("/healthz 200", lambda: httpx.get(base + "/healthz").status_code == 200,
+                   proc)
+        metrics = _metrics_dir(proc.pid)
+        assert metrics is not None and metrics.is_dir()
+        wait_until("both workers to have counted requests",
+                   lambda: score_on_new_connections() and len(list(
+                       metrics.glob("counter_*.db"))) == 2, proc)
+        for answer in score_on_new_connections():
+            got = {x["item_id"]: x for x in answer["scores"]}
+            for w in want:
+                for m in ("emb", "bopr", "bopr_std", "ftrl"):
+                    assert got[w["item_id"]][m] == pytest.approx(w[m], rel=0, abs=1e-9)
+        features = feature_store(cfg).get_many("user", ["u1", "u404"])
+        r = httpx.post(base + "/features", json={"entity": "user", "ids": ["u1", "u404"]})
+        assert [row["features"] for row in r.json()["rows"]] == [
+            {k: v for k, v in f.items() if not k.startswith("_")} for f in features]
+        counted = re.compile(r'^ctrstream_serve_requests_total\{endpoint="score",'
+                             r'status="200"\} (\S+)$', re.M)
+        for _ in range(6):  # either worker answers /metrics: each counts both
+            text = httpx.get(base + "/metrics", headers={"connection": "close"}).text
+            assert float(counted.search(text).group(1)) == sent
+    finally:
+        terminate(proc)
+    assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+    assert not metrics.parent.exists()  # the server's directory, removed on the way out
