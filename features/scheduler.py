@@ -66,7 +66,9 @@ def entity_shard(spec: FeatureSpec, entity: str, id: str, shards: int) -> int:
 class ShardRouter:
     """Splits one join partition's signals by shard, for the shards' schedulers.
 
-    ``route`` returns, for each shard with something to do, ``(shard, signals)``: for an
+    ``route`` returns, for each shard with something to do, ``(shard, signals)`` (tuples
+    all the way down: the garbage collector stops scanning a tuple of strings and ints, and the
+    schedulers hold these for minutes): for an
     impression ``(SEEN, (ts, impression id, its entities in this shard, parts))``, ``parts``
     being how many shards own its entities (an impression with no entity is sent, with none,
     to the shard of its id: every impression gets at least one part); for a click
@@ -82,8 +84,8 @@ class ShardRouter:
     [(0, [('watermark', (0, 500))]), (1, [('watermark', (0, 500))])]
     >>> for shard, signals in r.route([(SEEN, imp), (WATERMARK, (0, 500))]):
     ...     print(shard, signals)
-    4 [('seen', (1000, 'a', [('user', 'u1')], 2))]
-    12 [('seen', (1000, 'a', [('item', 'x')], 2))]
+    4 [('seen', (1000, 'a', (('user', 'u1'),), 2))]
+    12 [('seen', (1000, 'a', (('item', 'x'),), 2))]
     """
 
     def __init__(self, spec: FeatureSpec, shards: int) -> None:
@@ -122,11 +124,11 @@ class ShardRouter:
                     split = {shard_of("", value.impression_id, self.shards): []}
                 n, ts, iid = len(split), value.ts, value.impression_id
                 for k, ids in split.items():
-                    by_shard.setdefault(k, []).append((SEEN, (ts, iid, ids, n)))
+                    by_shard.setdefault(k, []).append((SEEN, (ts, iid, tuple(ids), n)))
             elif kind == CLICKED:
                 imp, click_ts = value
                 for k, ids in self.split(entity_ids(imp)).items():
-                    by_shard.setdefault(k, []).append((CLICKED, (click_ts, ids)))
+                    by_shard.setdefault(k, []).append((CLICKED, (click_ts, tuple(ids))))
             else:
                 part, wm = value
                 if self.sent.get(part) != wm:
@@ -140,8 +142,8 @@ def _signal(kind: str, value: list) -> tuple:
     """A waiting signal's value back from JSON: entities as (entity, id) tuples."""
     if kind == SEEN:
         ts, impression_id, ids, n = value
-        return ts, impression_id, [tuple(e) for e in ids], n
-    return value[0], [tuple(e) for e in value[1]]
+        return ts, impression_id, tuple(map(tuple, ids)), n
+    return value[0], tuple(map(tuple, value[1]))
 
 
 def merge_parts(parts: list[tuple[int, bytes]]) -> bytes:
@@ -219,7 +221,8 @@ class PointInTimeScheduler:
             for blob in resume["snapshots"]:
                 entries = orjson.loads(blob)
                 self._chunks["snapshots"].append((max(e[0] for e in entries), blob))
-                self.snapshots += [tuple(e) for e in entries if e[0] > self.snapped_to]
+                self.snapshots += [(ts, seq, iid, tuple(map(tuple, ids)), n)
+                                   for ts, seq, iid, ids, n in entries if ts > self.snapped_to]
             heapq.heapify(self.waiting)
             heapq.heapify(self.snapshots)
             self.changed = set(map(tuple, resume.get("changed", ())))
