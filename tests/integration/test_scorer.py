@@ -12,7 +12,7 @@ import redis
 from flows.build import feature_spec, feature_store, model_settings, model_store, scorer
 from joiner.events import Impression
 from learners.model import Models
-from learners.scorer import LoadedVersion, NotLoaded
+from learners.scorer import LoadedVersion, NotLoaded, Weights
 from tests.integration.test_embeddings_cli import synthetic
 
 CONTEXT = {"device": "mobile", "position": 2, "hour": 20}
@@ -171,3 +171,11 @@ def test_without_load_a_version_not_loaded_is_named_then_loaded_apart(setup):
     models.push(store, version)  # a push: the next request needs the new generation
     with pytest.raises(NotLoaded):
         s.score("u1", ["i1"], CONTEXT, load=False)
+
+
+def test_a_hash_space_too_big_for_tables_is_read_by_search(setup, monkeypatch):
+    cfg, models, *_ = setup
+    monkeypatch.setattr(Weights, "TABLE_BITS", models.hasher.bits - 1)
+    s = scorer(cfg)
+    check_equal(s, models, ["u1", "nobody"], [f"i{k}" for k in range(12)])
+    assert s._weights.tables is None
