@@ -143,6 +143,9 @@ class FeatureHasher:
         # The same tables as one array, [count feature, bucket], for batch()'s vector path.
         self._count_table = np.array([t for _, names in self._count_plan for _, t in names],
                                      np.int64).reshape(-1, MAX_BUCKET + 1)
+        # flat, with each count feature's first entry: one gather instead of a 2-D one
+        self._count_flat = self._count_table.ravel()
+        self._count_offsets = np.arange(len(self._count_table)) * (MAX_BUCKET + 1)
         self._count_getters = tuple(
             (entity, itemgetter(*(n for n, _ in names)) if len(names) > 1
              else (lambda d, k=names[0][0]: (d[k],)), tuple(n for n, _ in names))
@@ -364,10 +367,17 @@ class FeatureHasher:
         n, j = counts.shape
         # bit_length of each count: frexp's exponent, exact below 2**53
         buckets = np.minimum(np.frexp(counts.astype(np.float64))[1], MAX_BUCKET)
+        counted = self._count_flat[buckets + self._count_offsets[:j]]
+        own = np.array(flat, np.int64)
+        if n and len(own) == n * lengths[0] and min(lengths) == max(lengths):
+            # rows of one length (the usual case): sorted as rows, no row keys
+            rows = np.sort(np.concatenate([own.reshape(n, -1), counted, np.broadcast_to(
+                np.array(shared, np.int64), (n, len(shared)))], axis=1), axis=1)
+            if not (rows[:, 1:] == rows[:, :-1]).any():  # no collision within a row
+                width = rows.shape[1]
+                return np.arange(0, n * width + 1, width, dtype=np.int64), rows.ravel()
         at = np.arange(n, dtype=np.int64)
-        idx = np.concatenate([np.array(flat, np.int64),
-                              self._count_table[np.arange(j), buckets].ravel(),
-                              np.tile(np.array(shared, np.int64), n)])
+        idx = np.concatenate([own, counted.ravel(), np.tile(np.array(shared, np.int64), n)])
         rows = np.concatenate([np.repeat(at, lengths), np.repeat(at, j),
                                np.repeat(at, len(shared))])
         key = np.sort((rows << 32) | idx)  # by row, then index; indices are below 2**32

@@ -189,7 +189,8 @@ class Scorer:
         seen = [self._attrs.get(i, _UNSEEN) for i in item_ids]
         attrs = [self._attributes(None if a is _UNSEEN else a) for a in seen]
         ids = self._entity_ids(user_id, item_ids, attrs, context)
-        pairs = _distinct(ids)
+        at_row: list[dict[str, int]] = [{} for _ in self._entities]  # entity: id -> row
+        pairs = self._new_pairs(ids, at_row, [])
         pipe = self.models.client.pipeline(transaction=False)
         pipe.get(self.models.pointer_key)
         kept = self._copy.version if self._copy is not None else None
@@ -210,32 +211,42 @@ class Scorer:
         if raw != seen:  # attributes new or changed since last read: their entities' counts
             attrs = [self._attributes(a) for a in raw]
             ids = self._entity_ids(user_id, item_ids, attrs, context)
-            known = set(pairs)
-            more = [p for p in _distinct(ids) if p not in known]
+            more = self._new_pairs(ids, at_row, pairs)
             if more:
                 pipe = self.features.client.pipeline(transaction=False)
                 self.features.queue_pairs(pipe, more)
                 counts.append(self.features.decode_counts(pipe.execute()))
                 pairs += more
-        row = {p: k for k, p in enumerate(pairs)}
         # each example's row of ``counts`` for each entity; -1, the zero row, where it has none
-        row[None] = -1
-        rows = np.array([[row[p] for p in ps] for ps in ids], np.intp).T
+        rows = np.array([[row.get(i, -1) for i in column] for column, row in zip(
+            ids, at_row, strict=True)], np.intp).T
         counts.append(np.zeros((1, len(self.features.feature_names)), np.int64))
         return (None if pointer is None else pointer.decode(),
                 None if generation is None else int(generation),
                 Candidates(user_id, item_ids, attrs, context, pairs, np.concatenate(counts),
                            rows.reshape(len(item_ids), len(self._entities))))
 
+    def _new_pairs(self, ids: list[list[str | None]], at_row: list[dict[str, int]],
+                   pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The (entity, id) of ``ids`` not in ``at_row`` yet (where ``pairs`` has them),
+        each once; entered in ``at_row`` at the rows they will have after ``pairs``."""
+        new = []
+        for (entity, _), column, row in zip(self._entities, ids, at_row, strict=True):
+            for i in dict.fromkeys(column):
+                if i is not None and i not in row:
+                    row[i] = len(pairs) + len(new)
+                    new.append((entity, i))
+        return new
+
     def _entity_ids(self, user_id: str, item_ids: list[str], attrs: list[dict],
-                    context: Mapping) -> list[list[tuple[str, str] | None]]:
-        """For each entity of the spec, each example's (entity, id), None where it lacks one
-        of the fields: `FeatureSpec.entity_ids` of ``Impression("", 0, user_id, item,
+                    context: Mapping) -> list[list[str | None]]:
+        """For each entity of the spec, each example's id of it, None where it lacks one of
+        the fields: `FeatureSpec.entity_ids` of ``Impression("", 0, user_id, item,
         {**attrs, **context})``, column by column, a field the examples share read once."""
         m = len(item_ids)
         top = {"impression_id": "", "ts": 0, "user_id": user_id}
         out = []
-        for entity, fields in self._entities:
+        for _, fields in self._entities:
             columns = []
             for f in fields:  # as entity_ids looks a field up
                 if f == "item_id":
@@ -246,11 +257,9 @@ class Scorer:
                 else:
                     columns.append([None if v is None else v if type(v) is str else str(v)
                                     for v in (a.get(f) for a in attrs)])
-            if len(columns) == 1:
-                out.append([None if v is None else (entity, v) for v in columns[0]])
-            else:
-                out.append([None if None in vs else (entity, ID_SEPARATOR.join(vs))
-                            for vs in zip(*columns, strict=True)])
+            out.append(columns[0] if len(columns) == 1 else
+                       [None if None in vs else ID_SEPARATOR.join(vs)
+                        for vs in zip(*columns, strict=True)])
         return out
 
     def examples(self, user_id: str, item_ids: Sequence[str],
@@ -361,13 +370,6 @@ class Candidates(NamedTuple):
                             for e, r in zip(entities, rows, strict=True) if r >= 0}}
                 for item, attrs, rows in zip(self.item_ids, self.attrs, self.rows.tolist(),
                                              strict=True)]
-
-
-def _distinct(ids: list[list]) -> list[tuple[str, str]]:
-    """The pairs of ``ids`` (lists of pairs or None), each once, in order."""
-    seen = dict.fromkeys(p for ps in ids for p in ps)
-    seen.pop(None, None)
-    return list(seen)
 
 
 def _text(v) -> str:
