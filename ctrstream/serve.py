@@ -10,7 +10,8 @@
 A bad request gets a 4xx and ``{"error": reason}``; Redis down (or no model yet) a 503. A
 request's work (one Redis round trip, well under a millisecond, and ~2 ms of scoring in Python,
 which holds the GIL) runs on the event loop: in a thread pool the thread hops cost ~0.6 ms more
-CPU a /score (2.75 against 2.15 ms, 2 workers at 16 connections), and bought no parallelism.
+CPU a /score (2.75-3.27 against 2.15-2.52 ms, 2 workers at 16 connections), and bought no
+parallelism.
 Loading a model version (about a second) runs in a thread, so /healthz and /metrics answer
 meanwhile. A Redis that does not answer at all holds a worker up to ``redis.connect_timeout_s``
 or ``socket_timeout_s``. A Redis error drops the objects that made the call (their clients and
@@ -32,6 +33,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from operator import itemgetter
 from pathlib import Path
 
 import orjson
@@ -112,8 +114,8 @@ class Pool:
 
 
 class JSON(Response):
-    """A JSON response, encoded by orjson (several times faster than the json module for a
-    /score answer)."""
+    """A JSON response, encoded by orjson: a /score answer of 100 items in 23 us, against 417 us
+    for Starlette's JSONResponse (the json module)."""
 
     media_type = "application/json"
 
@@ -226,8 +228,8 @@ def create_app(cfg: Config) -> Starlette:
                 version, scores = await call(scoring, lambda s: run(s, load=True))
         except CtrstreamError as e:  # no model published, or one this spec cannot score
             raise BadRequest(_reason(e), 503) from None
-        scores.sort(key=lambda s: s[by], reverse=True)
-        ranked = {m: [s["item_id"] for s in sorted(scores, key=lambda s: s[m], reverse=True)]
+        scores.sort(key=itemgetter(by), reverse=True)
+        ranked = {m: [s["item_id"] for s in sorted(scores, key=itemgetter(m), reverse=True)]
                   for m in MODELS}
         return JSON({"user": user, "context": context, "version": version,
                              "ranked_by": by, "scores": scores, "ranked": ranked})
