@@ -179,3 +179,17 @@ def test_a_hash_space_too_big_for_tables_is_read_by_search(setup, monkeypatch):
     s = scorer(cfg)
     check_equal(s, models, ["u1", "nobody"], [f"i{k}" for k in range(12)])
     assert s._weights.tables is None
+
+
+def test_counts_the_vector_path_refuses_are_hashed_one_by_one(setup):
+    """A negative count (no counter writes one, but the store holds any int64) sends the
+    request through the learner's own per-example path: the scores still agree."""
+    cfg, models, *_ = setup
+    spec = feature_spec(cfg)
+    feature_store(cfg, spec.feature_names()).write_many(
+        {("user", "u5"): {spec.feature_names()[0]: -3}}, ts_ms=1)
+    s = scorer(cfg)
+    _, examples = s.examples("u5", ["i1", "i2"], CONTEXT)
+    assert examples[0]["counts"]["user"][spec.feature_names()[0]] == -3
+    assert models.hasher.count_values(examples) is None
+    check_equal(s, models, ["u5"], ["i1", "i2", "i3"])
