@@ -255,14 +255,27 @@ class CountersLogic(StatefulBatchLogic):
 
 
 def parts(kv: tuple[str, tuple[int, list[Part]]]) -> list[tuple[str, tuple]]:
-    """A shard's parts, each keyed by its impression's `attach_key`."""
+    """A shard's parts for `attach`: ``(attach_key, (PIT, [(impression id, ts, (shard,
+    parts expected, JSON))]))``, a record per cell (bytewax's cost is per record too)."""
     k, out = kv[1]
-    return [(attach_key(ts, iid), (PIT, iid, ts, (k, n, counts))) for iid, n, counts, ts in out]
+    return _by_cell(PIT, [(iid, ts, (k, n, counts)) for iid, n, counts, ts in out])
 
 
-def example(impression_id: str, ts: int, value: bytes) -> tuple[str, tuple]:
-    """An example for the attach step (value: its JSON), keyed by its `attach_key`."""
-    return attach_key(ts, impression_id), (EXAMPLE, impression_id, ts, value)
+def examples(out: list[tuple[str, int, bytes]]) -> list[tuple[str, tuple]]:
+    """Examples ``(impression id, ts, JSON)`` for `attach`, a record per cell like `parts`."""
+    return _by_cell(EXAMPLE, out)
+
+
+def _by_cell(kind: str, items: list[tuple]) -> list[tuple[str, tuple]]:
+    cells: dict[str, list] = {}
+    for item in items:
+        key = attach_key(item[1], item[0])
+        got = cells.get(key)
+        if got is None:
+            cells[key] = [item]
+        else:
+            got.append(item)
+    return [(key, (kind, got)) for key, got in cells.items()]
 
 
 class HeldImpressions:
@@ -321,20 +334,23 @@ class AttachLogic(StatefulBatchLogic):
 
     def on_batch(self, values: list) -> tuple[list, bool]:
         pending, out, newest = self.pending, [], self.held.newest_part
-        for kind, iid, ts, payload in values:
-            ex, got = pending.pop(iid, (None, ()))
-            if kind == PIT:
-                got += (payload,)
-                if ts > newest:
-                    newest = ts
-            else:
-                ex = payload
-            if ex is not None and got and len(got) == got[0][1]:
-                counts = merge_parts([(k, c) for k, _, c in got])
-                # example bytes are a compact JSON object: splice the counts in before its '}'
-                out.append((iid, ex[:-1] + b',"counts":' + counts + b"}"))
-            else:
-                pending[iid] = (ex, got)
+        for kind, items in values:
+            is_part = kind == PIT
+            for iid, _, payload in items:
+                ex, got = pending.pop(iid, (None, ()))
+                if is_part:
+                    got += (payload,)
+                else:
+                    ex = payload
+                if ex is not None and got and len(got) == got[0][1]:
+                    counts = merge_parts([(k, c) for k, _, c in got])
+                    # example bytes are a compact JSON object: splice the counts in before '}'
+                    out.append((iid, ex[:-1] + b',"counts":' + counts + b"}"))
+                else:
+                    pending[iid] = (ex, got)
+            ts = items[-1][1]  # the newest: parts come in ts order
+            if is_part and ts > newest:
+                newest = ts
         self.bucket = ts // ATTACH_BUCKET_MS
         held = self.held
         held.newest_part = newest

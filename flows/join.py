@@ -45,9 +45,9 @@ from joiner.join import (
 log = logging.getLogger(__name__)
 
 # The source's records come in the shape their first step takes, so no step re-shapes every
-# record: (topic, key, value) goes to Kafka as it is; with features on, an example is
-# (its attach_key, (EXAMPLE, impression id, ts, bytes)) for the attach step (off, it is a
-# (topic, key, value) like the rest);
+# record: (topic, key, value) goes to Kafka as it is; with features on, the examples of a batch
+# go to the attach step as (attach_key, (EXAMPLE, [(impression id, ts, bytes)])), a record per
+# cell (off, an example is a (topic, key, value) like the rest);
 # (shard key, (shard, signals)) feeds the counters. One `branch` sends each example on (three
 # filter_maps and a map each cost a Python call and a bytewax hop per record).
 
@@ -151,7 +151,9 @@ class _JoinPartition(StatefulSourcePartition):
             signals.append((WATERMARK, (self.part, DONE if self.done else j.watermark)))
             keys = self.shard_keys
             records += [(keys[k], (k, sig)) for k, sig in self.router.route(signals)]
-            out = [r for r in out if r[0] not in (SEEN, CLICKED)]
+            # examples: one record per attach cell (key: (impression id, ts)), not per example
+            records += fo.examples([(*key, value) for kind, key, value in out if kind == EXAMPLE])
+            out = [r for r in out if r[0] not in (SEEN, CLICKED, EXAMPLE)]
         if self.done or now - self.last_log >= cfg.join.log_interval_s:
             self._report(now)
         return records + [self._record(r) for r in out]
@@ -169,16 +171,13 @@ class _JoinPartition(StatefulSourcePartition):
             self.joiner.on_click(raw, offset, now, out, wall_ms, key)
 
     def _record(self, r: tuple) -> tuple:
-        """The joiner's output as a flow record (see the shapes above): (topic, key, value)
-        for Kafka, or with features on an example (id, (EXAMPLE, bytes)) to attach counts to."""
+        """The joiner's output as a (topic, key, value) record for Kafka."""
         kind, key, value = r
         if kind == DEAD_LETTER:
             topic = (self.cfg.kafka.impressions_topic if value["stream"] == IMPRESSIONS
                      else self.cfg.kafka.clicks_topic)
             return dead_letter(self.cfg, topic, self.part, value["offset"],
                                value["reason"], value["raw"])
-        if kind == EXAMPLE and self.joiner.signals:
-            return fo.example(*key, value)  # key: (impression id, ts)
         return self.cfg.kafka.examples_topic, key, value
 
     def _report(self, now: float) -> None:

@@ -25,7 +25,7 @@ def records(n=300, seed=0):
         shards = rng.sample(range(16), rng.randint(1, 3))
         ex = orjson.dumps({"impression_id": iid, "ts": ts, "label": 0})
         parts = [(k, len(shards), orjson.dumps({f"e{k}": {"imp_1m": i}})) for k in shards]
-        out.append(fo.example(iid, ts, ex))
+        out += fo.examples([(iid, ts, ex)])
         for k, n, c in parts:
             out += fo.parts(("shard", (k, [(iid, n, c, ts)])))
         want[iid] = {**orjson.loads(ex), "counts": {
@@ -65,8 +65,9 @@ def test_every_example_gets_exactly_its_parts_in_any_order():
     # many impressions per key, and the example and parts of one impression share it
     assert len(discarded) <= 13 * fo.ATTACH_SPREAD < len(want) / 4
     by_id: dict = {}
-    for key, (_, iid, _, _) in recs:
-        by_id.setdefault(iid, set()).add(key)
+    for key, (_, items) in recs:
+        for iid, _, _ in items:
+            by_id.setdefault(iid, set()).add(key)
     assert all(len(keys) == 1 for keys in by_id.values())
 
 
@@ -115,11 +116,11 @@ def test_an_impression_whose_part_never_comes_is_reported_and_dropped(caplog):
     held = fo.HeldImpressions(CFG)
     t0 = 10 * 3_600_000
     lost = fo.AttachLogic(held, None)
-    lost.on_batch([fo.example("lost", t0, b'{"impression_id":"lost"}')[1]])
+    lost.on_batch([fo.examples([("lost", t0, b'{"impression_id":"lost"}')])[0][1]])
     assert lost.snapshot()[2].keys() == {"lost"}
     recent = fo.AttachLogic(held, None)
     t1 = t0 + held.lag_ms  # not yet past: kept
-    recent.on_batch([fo.example("recent", t1, b"{}")[1]])
+    recent.on_batch([fo.examples([("recent", t1, b"{}")])[0][1]])
     later = fo.AttachLogic(held, None)
     later.on_batch([fo.parts(("s", (0, [("x", 2, b"{}", t1 + fo.ATTACH_BUCKET_MS)])))[0][1]])
     with caplog.at_level(logging.WARNING):
@@ -127,3 +128,15 @@ def test_an_impression_whose_part_never_comes_is_reported_and_dropped(caplog):
     assert lost.pending == {} and held.dropped == 1 and "lost" in caplog.text
     assert recent.pending.keys() == {"recent"}
     assert lost not in held.live and recent in held.live
+
+
+def test_a_batch_is_one_record_per_cell():
+    """bytewax's cost is per record: a shard's parts, and a join partition's examples, go to
+    the attach step as one record per cell of impressions, whatever their number."""
+    items = [(f"i{n}", 40_000 + 10 * n, b"{}") for n in range(1000)]  # 10 s: 2 buckets
+    recs = fo.examples(items)
+    assert len(recs) == 2 * fo.ATTACH_SPREAD
+    assert sorted(i for _, (_, got) in recs for i in got) == sorted(items)
+    assert all(fo.attach_key(ts, iid) == key for key, (_, got) in recs for iid, ts, _ in got)
+    parts = fo.parts(("s", (3, [(iid, 2, b"{}", ts) for iid, ts, _ in items])))
+    assert {k for k, _ in parts} == {k for k, _ in recs}
