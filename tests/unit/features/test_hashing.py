@@ -231,10 +231,14 @@ def test_request_batch_is_batch_of_the_requests_examples(context):
                             for e in ("user", "item", "category", "user_category",
                                       "item_position")}}
                 for i, a in zip(items, attrs, strict=True)]
+    uniform = [k for k in range(40) if k % 5 and k != 7]  # every item every attribute
+    for ks in (range(40), uniform):
+        batch = [examples[k] for k in ks]
+        want = h.batch(batch)
+        got = h.request_batch("u3", [items[k] for k in ks], [attrs[k] for k in ks], context,
+                              h.count_values(batch))
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
     counts = h.count_values(examples)
-    want = h.batch(examples)
-    got = h.request_batch("u3", items, attrs, context, counts)
-    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
     with pytest.raises(ValueError, match="ctr_prior"):
         from features.derived import BetaPrior
         FeatureHasher(ctr_prior=BetaPrior(1, 30)).request_batch("u", [], [], {}, counts[:0])
