@@ -11,11 +11,15 @@ them the peer: the same five-entity windowed counts in Pathway, written to the s
 installs Pathway).
 
     python bench/pipeline.py [--impressions 300000] [--quick] [--json]
+    python bench/pipeline.py --quick --compare OTHER_TREE [--rounds 3]
 
 --quick: a 40k-impression backlog, no peer, under 3 minutes. --json: one JSON object printed
 last with ``off_eps_p1``, ``on_eps_p1``, ``on_eps_per_cpu_s_p1``, ``on_eps_per_cpu_s_p2``,
 ``signal_share_p2`` (the larger process's share, 16 shards), ``peer_eps`` (null without
 Pathway) and every run's figures.
+
+--compare: for an A/B of a change, the features-on runs (-p 1 and -p 2) of this tree and of
+another checkout, alternated on the same backlog, in CPU seconds.
 """
 
 from __future__ import annotations
@@ -51,9 +55,9 @@ def _cpu_children() -> float:
 
 
 def run_flow(cfg: Config, tmp: Path, name: str, features: bool, processes: int,
-             shards: int) -> dict:
-    """One `ctrstream run join --until-eof` over the backlog: wall s, CPU s and the
-    counter signals per process."""
+             shards: int, tree: Path = ROOT) -> dict:
+    """One `ctrstream run join --until-eof` over the backlog, with the code of ``tree`` (a
+    checkout of this repository): wall s, CPU s and the counter signals per process."""
     run_cfg = cfg.replace(kafka={"examples_topic": f"bench-out-{uuid.uuid4().hex[:6]}"},
                           data_dir=str(tmp / name / "data"),
                           recovery_dir=str(tmp / name / "recovery"),
@@ -65,7 +69,7 @@ def run_flow(cfg: Config, tmp: Path, name: str, features: bool, processes: int,
     cpu0, t0 = _cpu_children(), time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "ctrstream.cli", "--config", str(path), "run",
                           "join", "--until-eof", "-p", str(processes)],
-                         cwd=ROOT, capture_output=True)
+                         cwd=tree, capture_output=True)
     wall, cpu = time.perf_counter() - t0, _cpu_children() - cpu0
     if out.returncode != 0:
         raise RuntimeError(out.stderr.decode()[-3000:])
@@ -92,12 +96,35 @@ def run_peer(cfg: Config, tmp: Path, n_events: int) -> dict | None:
     return {"wall_s": wall, "cpu_s": cpu, "signals": []}
 
 
+def compare(cfg: Config, tmp: Path, other: Path, rounds: int) -> None:
+    """Features on, 16 shards, -p 1 and -p 2, this tree's code against ``other``'s, alternated
+    ``rounds`` times on the same backlog: the CPU seconds of each run (steadier than wall
+    time on a loaded machine)."""
+    cpu: dict[str, list[float]] = {}
+    for r in range(rounds):
+        for label, tree in (("this", ROOT), ("other", other)):
+            for p in (1, 2):
+                name = f"{label}_p{p}"
+                got = run_flow(cfg, tmp, f"{name}_{r}", True, p, 16, tree)
+                cpu.setdefault(name, []).append(got["cpu_s"])
+    print(f"flow CPU s, features on, 16 shards, alternated {rounds}x; other = {other}")
+    for name, runs in cpu.items():
+        print(f"    {name:<9} " + " ".join(f"{c:5.2f}" for c in runs)
+              + f"   median {sorted(runs)[len(runs) // 2]:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--impressions", type=int, default=300_000)
     ap.add_argument("--quick", action="store_true", help="a 40k-impression backlog")
     ap.add_argument("--json", action="store_true", help="print one JSON object last")
+    ap.add_argument("--compare", type=Path, metavar="TREE",
+                    help="instead: this tree against another checkout (e.g. `git worktree "
+                         "add` or `git archive | tar -x`), alternated")
+    ap.add_argument("--rounds", type=int, default=3, help="with --compare")
     args = ap.parse_args()
+    if args.compare is not None and not (args.compare / "flows" / "join.py").exists():
+        ap.error(f"--compare {args.compare}: not a checkout of this repository")
     n_imp = 40_000 if args.quick else args.impressions
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -108,6 +135,8 @@ def main() -> None:
             manifest = produce(cfg, StreamSpec(seed=3, impressions=n_imp))
             c = manifest["counts"]
             n = c["impression_messages"] + c["click_messages"]
+            if args.compare is not None:
+                return compare(cfg, tmp, args.compare.resolve(), args.rounds)
             results = {name: run_flow(cfg, tmp, name, *rest) for name, *rest in RUNS}
             # Pathway's Kafka reader took ~14 messages per 100 ms step on this broker (5,139
             # in 28 s): too slow for --quick's three minutes.
