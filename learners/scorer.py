@@ -245,22 +245,24 @@ class Scorer:
         {**attrs, **context})``, column by column, a field the examples share read once."""
         m = len(item_ids)
         top = {"impression_id": "", "ts": 0, "user_id": user_id}
-        out = []
-        for _, fields in self._entities:
-            columns = []
-            for f in fields:  # as entity_ids looks a field up
+        texts: dict[str, list[str | None]] = {}  # field -> its text in each example
+
+        def text(f: str) -> list[str | None]:  # as entity_ids looks a field up
+            if f not in texts:
                 if f == "item_id":
-                    columns.append([None if v is None else _text(v) for v in item_ids])
+                    values = item_ids
                 elif f in top or f in context:
-                    v = top[f] if f in top else context[f]
-                    columns.append([None if v is None else _text(v)] * m)
+                    values = [top[f] if f in top else context[f]] * m
                 else:
-                    columns.append([None if v is None else v if type(v) is str else str(v)
-                                    for v in (a.get(f) for a in attrs)])
-            out.append(columns[0] if len(columns) == 1 else
-                       [None if None in vs else ID_SEPARATOR.join(vs)
-                        for vs in zip(*columns, strict=True)])
-        return out
+                    values = [a.get(f) for a in attrs]
+                texts[f] = [None if v is None else v if type(v) is str else str(v)
+                            for v in values]
+            return texts[f]
+
+        return [text(fields[0]) if len(fields) == 1 else
+                [None if None in vs else ID_SEPARATOR.join(vs)
+                 for vs in zip(*map(text, fields), strict=True)]
+                for _, fields in self._entities]
 
     def examples(self, user_id: str, item_ids: Sequence[str],
                  context: Mapping | None = None) -> tuple[str | None, list[dict]]:
@@ -372,8 +374,6 @@ class Candidates(NamedTuple):
                                              strict=True)]
 
 
-def _text(v) -> str:
-    return v if type(v) is str else str(v)
 
 
 def _own_or_fallback(rows) -> np.ndarray:
