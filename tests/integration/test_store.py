@@ -114,6 +114,22 @@ def test_ttl_is_set_on_every_write(redis_client):
     assert redis_client.ttl("f:{user:2}") == -1
 
 
+def test_writes_are_one_call_per_chunk_of_rows(redis_client):
+    store = FeatureStore(redis_client, feature_names=NAMES, ttl_s=600, batch_commands=1000)
+    rows = {("user", str(i)): {"clicks_1h": i} for i in range(2500)}
+    redis_client.config_resetstat()
+    store.write_many(rows, 5)
+    stats = redis_client.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] + stats.get("cmdstat_eval", {}).get("calls", 0) == 3
+    assert stats["cmdstat_set"]["calls"] == 2500
+    assert [r["clicks_1h"] for r in store.get_many("user", ["0", "1234", "2499"])] == [
+        0, 1234, 2499]
+    assert all(590 <= t <= 600 for t in map(redis_client.ttl, ("f:{user:0}", "f:{user:2499}")))
+    redis_client.script_flush()  # a Redis restarted empty has no scripts: loaded again
+    store.write_many({("user", "0"): {"clicks_1h": 7}}, 6)
+    assert store.get("user", "0")["clicks_1h"] == 7
+
+
 def test_schema_mismatch(redis_client):
     v1 = FeatureStore(redis_client, feature_names=NAMES)
     v1.write_many({("user", "1"): {"clicks_1h": 1}}, 1)
