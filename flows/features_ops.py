@@ -296,6 +296,7 @@ class HeldImpressions:
         self.newest_part = -DONE  # the ts of the newest part seen
         self.checked_to = -DONE
         self.dropped = 0
+        metrics.features_report(dropped=0)  # exported from the start: a counter at 0
 
     def check(self) -> None:
         limit = self.newest_part - self.lag_ms  # impressions before it should all be done
@@ -315,6 +316,7 @@ class HeldImpressions:
                             (logic.bucket + 1) * ATTACH_BUCKET_MS - 1, self.newest_part,
                             ids[:3])
                 logic.pending = {}
+                metrics.features_report(dropped=self.dropped)
 
 
 class AttachLogic(StatefulBatchLogic):

@@ -149,6 +149,10 @@ class _Latest(Collector):
             yield CounterMetricFamily("ctrstream_features_store_writes",
                                       "Entity rows written to the Redis feature store",
                                       features["writes"])
+        if "dropped" in features:
+            yield CounterMetricFamily("ctrstream_features_examples_dropped",
+                                      "Examples the attach step dropped: their example or a "
+                                      "part of their counts never came", features["dropped"])
         if learn is not None:
             yield from _learn_families(learn)
 
@@ -281,12 +285,10 @@ def lag_report(cfg: Config, flow: str, lag: dict[tuple[str, int], int],
     return behind
 
 
-def features_report(entities: int | None = None, writes: int | None = None) -> None:
+def features_report(**figures: int | None) -> None:
+    """The join flow's feature figures: ``entities``, ``writes``, ``dropped``."""
     with LATEST.lock:
-        if entities is not None:
-            LATEST.features["entities"] = entities
-        if writes is not None:
-            LATEST.features["writes"] = writes
+        LATEST.features.update({k: v for k, v in figures.items() if v is not None})
 
 
 def learn_report(cfg: Config, counts: dict, summary: dict, version: str | None,

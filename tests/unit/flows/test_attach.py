@@ -12,6 +12,7 @@ import pytest
 from bytewax.operators import StatefulBatchLogic
 
 from flows import features_ops as fo
+from flows import metrics
 from flows.config import Config
 
 CFG = Config()
@@ -128,6 +129,7 @@ def test_an_impression_whose_part_never_comes_is_reported_and_dropped(caplog):
     assert lost.pending == {} and held.dropped == 1 and "lost" in caplog.text
     assert recent.pending.keys() == {"recent"}
     assert lost not in held.live and recent in held.live
+    assert metrics.LATEST.features["dropped"] == 1  # ctrstream_features_examples_dropped
 
 
 def test_a_batch_is_one_record_per_cell():

@@ -1,4 +1,4 @@
-"""What the learn flow exports to Prometheus, from one report (no flow, no HTTP)."""
+"""What the flows export to Prometheus, from one report (no flow, no HTTP)."""
 
 from __future__ import annotations
 
@@ -29,3 +29,14 @@ def test_calibration_by_slice_is_exported_per_model_slice_and_value():
         got = float(line.rsplit(" ", 1)[1])
         assert math.isnan(got) if math.isnan(value) else math.isclose(got, value), line
     assert 'ctrstream_learn_calibration_by_slice{model="emb",slice="hour",value="23"}' in text
+
+
+def test_feature_figures_are_exported_once_reported():
+    latest = metrics._Latest()
+    registry = CollectorRegistry()
+    registry.register(latest)
+    assert "ctrstream_features_examples_dropped" not in generate_latest(registry).decode()
+    latest.features.update(entities=5, writes=7, dropped=2)
+    text = generate_latest(registry).decode().splitlines()
+    assert {"ctrstream_features_entities 5.0", "ctrstream_features_store_writes_total 7.0",
+            "ctrstream_features_examples_dropped_total 2.0"} <= set(text)
