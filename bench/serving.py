@@ -11,9 +11,19 @@ a small published model and count features for every user and item:
     is answered) at 1 and 16 concurrent connections: p50/p99 and requests/s, beside
     `GET /healthz` (one Redis PING and GET: the framework's and the thread pool's own cost)
     under the same load. Without wrk, a Python load generator (httpx, asyncio) stands in
-    and says so.
+    and says so;
+[3] with a learner pushing into the served version every ``--push-interval`` s (this process,
+    learning ``--push-records`` more records before each push, as the learn flow does):
+    (a) the CPU a scorer's process spends to bring its copy up to date after each push, whole
+    (`ModelStore.load` and the weight tables: what every push cost before incremental
+    refresh) against `ModelStore.refresh` (only what the push wrote), alternated on the same
+    pushes; (b) HTTP `POST /score` at 16 connections for ``--push-seconds`` while the pusher
+    pushes, beside the same without pushes, and the server's CPU per request in both (its
+    processes' CPU-seconds over the run: robust to a loaded machine).
 
     python bench/serving.py [--seconds 5] [--items 100] [--workers 2] [--json]
+    python bench/serving.py --demo   # the model after a demo-sized stream (180,000 records,
+                                     # 10,000 users, 2,000 items), the default config
 
 The load generator runs on the same machine and competes with the server for CPU: the HTTP
 figures are an upper bound of what the server alone costs.
@@ -29,6 +39,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -43,9 +54,12 @@ from ctrstream.stack import Component, free_port, terminate  # noqa: E402
 from flows.build import (  # noqa: E402
     feature_spec,
     feature_store,
+    model_store,
     scorer,
 )
 from flows.config import Config  # noqa: E402
+from learners.model import Models  # noqa: E402
+from learners.scorer import Weights  # noqa: E402
 from tests.integration.test_embeddings_cli import (  # noqa: E402
     CONTEXT,
     published_synthetic,
@@ -53,6 +67,7 @@ from tests.integration.test_embeddings_cli import (  # noqa: E402
 )
 
 USERS, ITEMS = 40, 400
+DEMO = (180_000, 10_000, 2_000)  # records, users, items: an hour at 50 impressions/s
 
 
 def pcts(times_s: list[float]) -> tuple[float, float]:
@@ -60,14 +75,84 @@ def pcts(times_s: list[float]) -> tuple[float, float]:
     return float(p50), float(p99)
 
 
-def setup(cfg: Config) -> None:
-    published_synthetic(cfg, synthetic(3000, users=USERS, items=ITEMS))
+def setup(cfg: Config, records: list[dict], users: int, items: int) -> tuple[Models, str]:
+    models, version = published_synthetic(cfg, records)
     writer = feature_store(cfg, feature_spec(cfg).feature_names())
     names, now = writer.feature_names, int(time.time() * 1000)
-    for entity, n in (("user", USERS), ("item", ITEMS)):
-        writer.write_many({(entity, f"{entity[0]}{k}"): {f: (k * 7 + j) % 50
-                                                          for j, f in enumerate(names)}
-                           for k in range(n)}, now)
+    for entity, n in (("user", users), ("item", items)):
+        for k0 in range(0, n, 5000):
+            writer.write_many({(entity, f"{entity[0]}{k}"): {f: (k * 7 + j) % 50
+                                                              for j, f in enumerate(names)}
+                               for k in range(k0, min(n, k0 + 5000))}, now)
+    return models, version
+
+
+def refresh_cpu(cfg: Config, models: Models, version: str, chunks: list[list[dict]]) -> dict:
+    """[3a]: after each push of a chunk, the CPU-seconds of this process to load the version
+    whole (and make its weight tables) and to refresh the copy kept; in turn, first one then
+    the other, on the same pushes."""
+    store = model_store(cfg)
+    copy = store.load(version)
+    weights = Weights(copy)
+    full, incr, written = [], [], []
+    for k, chunk in enumerate(chunks):
+        models.learn(chunk)
+        written.append(models.push(store, version))
+
+        def whole() -> None:
+            t0 = time.process_time()
+            Weights(store.load(version))
+            full.append(time.process_time() - t0)
+
+        def refresh() -> None:
+            nonlocal copy, weights
+            t0 = time.process_time()
+            copy, changed = store.refresh(copy)
+            weights = weights.refreshed(copy, changed) if changed is not None else \
+                Weights(copy)
+            incr.append(time.process_time() - t0)
+            assert changed is not None, "the copy kept was loaded whole"
+
+        for step in (whole, refresh) if k % 2 == 0 else (refresh, whole):
+            step()
+    w = {m: np.median([c[m] for c in written]) for m in written[0]}
+    print(f"[3a] CPU to bring a copy up to date after a push ({len(chunks)} pushes of "
+          f"{len(chunks[0])} records: median {w['ftrl']:,.0f} FTRL, {w['bopr']:,.0f} BOPR "
+          f"weights, {w['rows']:,.0f} rows written; in turn, this process's CPU)")
+    for label, t in (("load whole + weight tables", full), ("refresh (what the push wrote)",
+                                                              incr)):
+        print(f"    {label:32} median {np.median(t) * 1000:7.1f} ms  "
+              f"min {min(t) * 1000:7.1f}  max {max(t) * 1000:7.1f} ms of CPU")
+    return {"push_full_cpu_ms": float(np.median(full)) * 1000,
+            "push_refresh_cpu_ms": float(np.median(incr)) * 1000}
+
+
+def cpu_s(pid: int) -> float:
+    """CPU-seconds (user + system) of a process and of its descendants alive."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + \
+        sum(cpu_s(int(k)) for k in kids)
+
+
+class Pusher(threading.Thread):
+    """Learns a chunk and pushes it into the served version every ``interval`` s."""
+
+    def __init__(self, cfg: Config, models: Models, version: str, chunks: list[list[dict]],
+                 interval: float) -> None:
+        super().__init__(daemon=True)
+        self.store, self.models, self.version = model_store(cfg), models, version
+        self.chunks, self.interval = chunks, interval
+        self.stop, self.pushes = threading.Event(), 0
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.models.learn(self.chunks[self.pushes % len(self.chunks)])
+            self.models.push(self.store, self.version)
+            self.pushes += 1
 
 
 def store_reads(cfg: Config, entities: int, trials: int) -> dict:
@@ -95,10 +180,10 @@ def store_reads(cfg: Config, entities: int, trials: int) -> dict:
             "packed_bytes_per_entity": packed_b, "hash_bytes_per_entity": hash_b}
 
 
-def requests_for(n: int, items: int, seed: int = 0) -> list[dict]:
+def requests_for(n: int, items: int, users: int, catalog: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
-    return [{"user": f"u{rng.integers(USERS)}",
-             "items": [f"i{k}" for k in rng.choice(ITEMS, items, replace=False)],
+    return [{"user": f"u{rng.integers(users)}",
+             "items": [f"i{k}" for k in rng.choice(catalog, items, replace=False)],
              "context": CONTEXT} for _ in range(n)]
 
 
@@ -178,6 +263,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                     help="ctrstream serve --workers (default: the CPUs)")
     ap.add_argument("--json", action="store_true", help="print one JSON object last")
+    ap.add_argument("--demo", action="store_true",
+                    help="the model of a demo-sized stream and the default config (emb_dim "
+                         "16, 1,024 fallback rows), not a small one")
+    ap.add_argument("--push-interval", type=float, default=5.0,
+                    help="[3]: seconds between pushes (learn.push_interval_s)")
+    ap.add_argument("--push-records", type=int, default=250,
+                    help="[3]: records learned before each push (250: 50/s for 5 s)")
+    ap.add_argument("--pushes", type=int, default=10, help="[3a]: pushes measured (0: skip [3a])")
+    ap.add_argument("--push-seconds", type=float, default=30.0,
+                    help="[3b]: seconds of load while pushing (0: skip [3])")
     args = ap.parse_args(argv)
     state = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     server = Component("redis", free_port(), state)
@@ -185,11 +280,17 @@ def main(argv: list[str] | None = None) -> None:
     proc = None
     out: dict = {}
     try:
+        n, users, catalog = DEMO if args.demo else (3000, USERS, ITEMS)
+        learn = {} if args.demo else {"emb_dim": 16, "emb_fallback_rows": 256}
         cfg = Config().replace(redis={"url": f"redis://127.0.0.1:{server.port}/0"},
-                               learn={"emb_dim": 16, "emb_fallback_rows": 256})
+                               learn=learn)
         out.update(store_reads(cfg, args.entities, args.trials))
-        setup(cfg)
-        bodies = requests_for(200, args.items)
+        more = args.push_records * max(args.pushes, 8)
+        records = synthetic(n + more, users=users, items=catalog)
+        models, version = setup(cfg, records[:n], users, catalog)
+        chunks = [records[k:k + args.push_records] for k in range(n, n + more,
+                                                                    args.push_records)]
+        bodies = requests_for(200, args.items, users, catalog)
 
         s = scorer(cfg)
         s.score(**{"user_id": bodies[0]["user"], "item_ids": bodies[0]["items"],
@@ -233,13 +334,17 @@ def main(argv: list[str] | None = None) -> None:
               "per line, load from "
               + ("wrk" if use_wrk else "httpx (no wrk: apt-get install wrk)")
               + " on the same machine")
+        def score_load(clients: int, seconds: float) -> dict:
+            return wrk(base, "/score", bodies, clients, seconds, state) if use_wrk else \
+                asyncio.run(load(base, "POST", "/score", bodies, clients, seconds))
+
         for clients in (1, 16):
             if use_wrk:  # 1 s first: every scorer of the pool made and its caches warm
                 wrk(base, "/score", bodies, clients, 1, state)
-                sc = wrk(base, "/score", bodies, clients, args.seconds, state)
+            sc = score_load(clients, args.seconds)
+            if use_wrk:
                 hz = wrk(base, "/healthz", None, clients, args.seconds, state)
             else:
-                sc = asyncio.run(load(base, "POST", "/score", bodies, clients, args.seconds))
                 hz = asyncio.run(load(base, "GET", "/healthz", None, clients, args.seconds))
             for name, r in ((f"POST /score ({args.items} items)", sc), ("GET /healthz", hz)):
                 print(f"    c={clients:<2} {name:<24} p50 {r['p50_ms']:6.2f} ms  "
@@ -250,6 +355,30 @@ def main(argv: list[str] | None = None) -> None:
                         f"http_rps_c{clients}": sc["rps"],
                         f"http_healthz_p99_ms_c{clients}": hz["p99_ms"],
                         f"http_healthz_rps_c{clients}": hz["rps"]})
+        if args.push_seconds > 0:
+            print(f"[3b] HTTP POST /score, c=16, {args.push_seconds:.0f} s, without and with a "
+                  f"push of {args.push_records} records every {args.push_interval:g} s")
+            runs = {}
+            for label in ("static", "pushing"):
+                pusher = Pusher(cfg, models, version, chunks, args.push_interval)
+                if label == "pushing":
+                    pusher.start()
+                c0 = cpu_s(proc.pid)
+                r = score_load(16, args.push_seconds)
+                r["cpu_ms"] = (cpu_s(proc.pid) - c0) * 1000 / max(r["n"], 1)
+                pusher.stop.set()
+                if label == "pushing":
+                    pusher.join()
+                runs[label] = r
+                print(f"    {label:8} p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:7.2f} ms  "
+                      f"{r['rps']:5.0f} req/s  server CPU {r['cpu_ms']:5.2f} ms a request  "
+                      f"({r['n']} requests, {r['errors']} not 200"
+                      + (f", {pusher.pushes} pushes)" if label == "pushing" else ")"))
+                out.update({f"http_{label}_p50_ms_c16": r["p50_ms"],
+                            f"http_{label}_p99_ms_c16": r["p99_ms"],
+                            f"http_{label}_cpu_ms": r["cpu_ms"]})
+            if args.pushes:
+                out.update(refresh_cpu(cfg, models, version, chunks[:args.pushes]))
     finally:
         if proc is not None:
             terminate(proc)

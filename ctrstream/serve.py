@@ -13,9 +13,12 @@ which holds the GIL) runs on the event loop: in a thread pool the thread hops co
 CPU a /score (2.75-3.27 against 2.15-2.52 ms, 2 workers at 16 connections), and bought no
 parallelism.
 Loading a model version (about a second) runs in a thread, so /healthz and /metrics answer
-meanwhile. A Redis that does not answer at all holds a worker up to ``redis.connect_timeout_s``
-or ``socket_timeout_s``. A Redis error drops the objects that made the call (their clients and
-pools): the next request builds new ones, so the server recovers on its own once Redis is back.
+meanwhile; only the first load makes /score wait. After it, a new version or a push is brought
+in by a thread while /score answers from the copy held (the ``version`` of the answer), and
+swapped in when ready. A Redis that does not answer at all holds a worker up to
+``redis.connect_timeout_s`` or ``socket_timeout_s``. A Redis error drops the objects that made
+the call (their clients and pools): the next request builds new ones, so the server recovers on
+its own once Redis is back.
 
 ``--workers N`` runs N uvicorn worker processes on one socket (scoring is CPU-bound Python:
 one process uses one core). They count into one set of Prometheus metrics through
@@ -214,18 +217,17 @@ def create_app(cfg: Config) -> Starlette:
         if by not in MODELS:
             raise BadRequest(f"'by' must be one of {', '.join(MODELS)}")
 
-        def run(s, load: bool = False):
-            scores = s.score(user, items, context, load=load)
+        def run(s):
+            scores = s.score(user, items, context, load=False)
             return s.version, scores  # the version the scores came from
 
         try:
             try:
                 version, scores = await call(scoring, run)
-            except NotLoaded as missing:  # a new version or a push: loaded in a thread
+            except NotLoaded as missing:  # no version held yet: loaded in a thread
                 want = (missing.version, missing.generation)
                 await call(loading, lambda s: s.load(*want), threaded=True)
-                # then again (loading here only if another push came in between)
-                version, scores = await call(scoring, lambda s: run(s, load=True))
+                version, scores = await call(scoring, run)  # from it (or a newer one)
         except CtrstreamError as e:  # no model published, or one this spec cannot score
             raise BadRequest(_reason(e), 503) from None
         scores.sort(key=itemgetter(by), reverse=True)

@@ -176,20 +176,33 @@ end
 """
 
 # Every write into a version bumps its generation (``v:N:gen``, one of its keys), so a reader
-# that keeps a copy of the version (the scorer) knows when to load it again. The key is found
-# from the key set's name: the same hash tag, so the same slot.
-_BUMP = """
+# that keeps a copy of the version (the scorer) knows when to load it again, and appends what
+# it changed to the version's log (``v:N:log``, a stream, entry ID ``<generation>-0``: ``k`` the
+# key written, ``f`` its fields, packed as `_pack_fields` does, or `WHOLE_KEY`), trimmed to the
+# last LOG_LENGTH writes, so that the reader re-reads only those (`ModelStore.refresh`). The
+# keys are found from the key set's name: the same hash tag, so the same slot. The script sets
+# ``changed`` and ``fields`` before.
+LOG_LENGTH = 512
+WHOLE_KEY = b"*"  # a log entry's fields when the whole key was replaced (or is not a table)
+_BUMP = f"""
 local gen = string.sub(KEYS[1], 1, -5) .. 'gen'
-redis.call('INCR', gen)
-redis.call('SADD', KEYS[1], gen)
-if ttl > 0 then redis.call('PEXPIRE', gen, ttl) end
+local log = string.sub(KEYS[1], 1, -5) .. 'log'
+local g = redis.call('INCR', gen)
+redis.call('XADD', log, 'MAXLEN', '{LOG_LENGTH}', g .. '-0', 'k', changed, 'f', fields)
+redis.call('SADD', KEYS[1], gen, log)
+if ttl > 0 then
+  redis.call('PEXPIRE', gen, ttl)
+  redis.call('PEXPIRE', log, ttl)
+end
 """
 
 _PUT = """
--- KEYS: version key set, layout hash, target hash; ARGV: layout field, spec, field, value, ...
+-- KEYS: version key set, layout hash, target hash
+-- ARGV: layout field, spec, the fields packed for the log, field, value, ...
 """ + _CHECK + """
+local changed, fields = KEYS[3], ARGV[3]
 -- unpack() is limited to a few thousand values by Lua's C stack
-for i = 3, #ARGV, 4000 do
+for i = 4, #ARGV, 4000 do
   redis.call('HSET', KEYS[3], unpack(ARGV, i, math.min(i + 3999, #ARGV)))
 end
 redis.call('SADD', KEYS[1], KEYS[3])
@@ -204,6 +217,7 @@ _COMMIT = """
 -- KEYS: version key set, layout hash, staging key, target key
 -- ARGV: layout field ('' for none), spec, expected size, 'STRLEN' or 'HLEN'
 """ + _CHECK + """
+local changed, fields = KEYS[4], '*'  -- WHOLE_KEY
 local n = redis.call(ARGV[4], KEYS[3])
 if n ~= tonumber(ARGV[3]) then
   redis.call('DEL', KEYS[3])
@@ -223,7 +237,9 @@ return 0
 
 _BUMP_ONLY = """
 -- KEYS: version key set (a write outside the scripts above, such as HDEL, bumps after it)
+-- ARGV: the key written, its fields packed for the log
 local ttl = redis.call('PTTL', KEYS[1])
+local changed, fields = ARGV[1], ARGV[2]
 if ttl == -2 then return 0 end
 """ + _BUMP + """
 return 0
@@ -278,6 +294,18 @@ def _fields(keys) -> list[bytes]:
         raise ValueError(f"keys must be in [0, 2**32), got {k.min()} .. {k.max()}")
     # a void view turns each element into one bytes object without a Python loop
     return np.ascontiguousarray(k, dtype="<u4").view("V4").tolist()
+
+
+def _pack_fields(fields: list) -> bytes:
+    """A write's hash fields as its log entry holds them: coordinates (4 bytes each) end to
+    end, row ids (str) as a JSON list; `_unpack_fields` reads them back."""
+    return orjson.dumps(fields) if fields and isinstance(fields[0], str) else b"".join(fields)
+
+
+def _unpack_fields(suffix: str, packed: bytes) -> list:
+    if suffix.startswith("w:"):
+        return [packed[i:i + 4] for i in range(0, len(packed), 4)]
+    return orjson.loads(packed) if packed else []
 
 
 def _to_bytes(a: np.ndarray) -> list[bytes]:
@@ -421,7 +449,7 @@ class ModelStore:
         """Write the meta (values as JSON; ``created_ms`` added when absent). Write it last:
         its presence marks the version complete for `publish`."""
         meta = {"created_ms": int(time.time() * 1000), **meta}
-        args: list = ["", ""]
+        args: list = ["", "", WHOLE_KEY]
         for k, v in meta.items():
             args += (k, orjson.dumps(v, option=orjson.OPT_SERIALIZE_NUMPY))
         keys = [self.key(version, "keys"), self.key(version, "layout"),
@@ -486,7 +514,7 @@ class ModelStore:
         for i in range(0, len(ids), self.batch_size):
             pipe.hdel(key, *ids[i:i + self.batch_size])
         pipe.execute()
-        self._bump(keys=[self.key(version, "keys")])
+        self._bump(keys=[self.key(version, "keys")], args=[key, _pack_fields(ids)])
 
     def replace_rows(self, version: str, table: str, ids: Sequence[str], vectors,
                      updated_ms) -> None:
@@ -575,6 +603,64 @@ class ModelStore:
                            {k.decode(): orjson.loads(v) for k, v in meta.items()},
                            vectors, rows)
 
+    def refresh(self, copy: VersionCopy) -> tuple[VersionCopy, dict[str, np.ndarray] | None]:
+        """``copy`` brought up to its version's current generation, and the coordinates each
+        vector model had written since (None: the version was loaded whole). Only the fields
+        the writes since the copy's generation name in the version's log are read again; a
+        copy older than the log's oldest entry, or a write the log does not name field by
+        field (a table replaced whole, the meta), means a whole `load`. Two round trips: the
+        generation with the log (one MULTI), then the fields; like `load`, the copy takes
+        the generation read before the data."""
+        version, since = copy.version, copy.generation
+        if since is None:
+            return self.load(version), None
+        pipe = self.client.pipeline(transaction=True)
+        pipe.get(self.generation_key(version))
+        pipe.xrange(self.key(version, "log"), min=f"{since + 1}-0")
+        gen, entries = pipe.execute()
+        gen = None if gen is None else int(gen)
+        if gen == since:
+            return copy, {}
+        if gen is None or len(entries) != gen - since:  # gone, or behind the log's start
+            return self.load(version), None
+        prefix, changed = self.key(version, ""), {}
+        for _, entry in entries:
+            suffix = entry[b"k"].decode().removeprefix(prefix)
+            kind, _, name = suffix.partition(":")
+            if kind == "blob":
+                continue
+            if entry[b"f"] == WHOLE_KEY or name not in {"w": copy.vectors,
+                                                        "emb": copy.rows}.get(kind, ()):
+                return self.load(version), None
+            changed.setdefault(suffix, {}).update(
+                dict.fromkeys(_unpack_fields(suffix, entry[b"f"])))
+        groups = [(suffix, list(fields)) for suffix, fields in changed.items()]
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(self.key(version, "layout"))
+        step = self.batch_size
+        for suffix, fields in groups:
+            for i in range(0, len(fields), step):
+                pipe.hmget(self.key(version, suffix), fields[i:i + step])
+        layouts, *replies = pipe.execute()
+        vectors, rows, coords = dict(copy.vectors), dict(copy.rows), {}
+        for suffix, fields in groups:
+            n_cmds = -(-len(fields) // step)
+            raw = [v for r in replies[:n_cmds] for v in r]
+            replies = replies[n_cmds:]
+            key, layout = self.key(version, suffix), _Layout.parse(layouts[suffix.encode()])
+            kind, _, name = suffix.partition(":")
+            if kind == "w":
+                keys = np.frombuffer(b"".join(fields), "<u4")
+                found = np.fromiter((v is not None for v in raw), bool, len(raw))
+                vectors[name] = _merge_vectors(*copy.vectors[name], keys,
+                                               _decode_vectors(key, fields, raw, layout, None),
+                                               found)
+                coords[name] = keys
+            else:
+                rows[name] = _merge_rows(*copy.rows[name], fields,
+                                         _decode_rows(key, fields, raw, layout))
+        return VersionCopy(version, gen, copy.meta, vectors, rows), coords
+
     # -- internals ----------------------------------------------------------------------------
 
     def _put_hash(self, version: str, suffix: str, layout: _Layout, fields: list,
@@ -583,7 +669,7 @@ class ModelStore:
                 self.key(version, suffix)]
         step = self.batch_size
         for i in range(0, max(len(fields), 1), step):  # an empty write still fixes the layout
-            args = [suffix, layout.spec]
+            args = [suffix, layout.spec, _pack_fields(fields[i:i + step])]
             for pair in zip(fields[i:i + step], values[i:i + step], strict=True):
                 args += pair
             self._call(self._put, keys, args, version, f"write {suffix}")
@@ -649,6 +735,46 @@ class ModelStore:
             else:
                 out_r[name] = _decode_rows(key, fields, raw, layout)
         return pointer, out_v, out_r
+
+
+def _merge_vectors(coords: np.ndarray, values: np.ndarray, keys: np.ndarray,
+                   new: np.ndarray, found: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A loaded model's (sorted coordinates, values) with ``keys`` set to ``new`` (removed
+    where not ``found``): new arrays, the given ones untouched."""
+    order = np.argsort(keys)
+    keys, new, found = keys[order], new[order], found[order]
+    at = np.searchsorted(coords, keys)
+    hit = at < len(coords)
+    hit[hit] = coords[at[hit]] == keys[hit]
+    values = values.copy()
+    values[at[hit & found]] = new[hit & found]
+    gone = at[hit & ~found]
+    if gone.size:
+        coords, values = np.delete(coords, gone), np.delete(values, gone, axis=0)
+    add = ~hit & found
+    if add.any():
+        at = np.searchsorted(coords, keys[add])
+        coords, values = np.insert(coords, at, keys[add]), np.insert(values, at, new[add], axis=0)
+    return coords, values
+
+
+def _merge_rows(index: dict[str, int], rows: Rows, ids: list[str],
+                new: Rows) -> tuple[dict[str, int], Rows]:
+    """A loaded table with the rows of ``ids`` set to ``new`` (removed where not found): a
+    new index and arrays, the given ones untouched. A row removed stays in the arrays, out of
+    the index, until the version is loaded whole again."""
+    index = dict(index)
+    at = np.fromiter((index.get(i, -1) for i in ids), np.int64, len(ids))
+    add = (at < 0) & new.found
+    for i in np.asarray(ids, dtype=object)[(at >= 0) & ~new.found]:
+        del index[i]
+    for k, i in enumerate(np.asarray(ids, dtype=object)[add]):
+        index[i] = len(rows.vectors) + k
+    vectors = np.concatenate([rows.vectors, new.vectors[add]])
+    updated = np.concatenate([rows.updated_ms, new.updated_ms[add]])
+    set_ = (at >= 0) & new.found
+    vectors[at[set_]], updated[at[set_]] = new.vectors[set_], new.updated_ms[set_]
+    return index, Rows(vectors, updated, np.ones(len(vectors), bool))
 
 
 def _joined(key: str, fields: list, raw: list, fill: bytes, size: int,

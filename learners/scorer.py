@@ -3,9 +3,12 @@
 One round trip per request in the steady state: one pipeline reads the model pointer, the
 current copy's generation, the candidates' attributes (category, ...) and the count features of
 every entity of every (user, item) pair. The model itself is kept in the process: the current
-version's meta, weights and embedding rows, loaded whole (`ModelStore.load`) and loaded again
-only when the pointer names another version or the version's generation moved (the online
-learner pushes into the current version every ``push_interval_s``, and every push bumps it).
+version's meta, weights and embedding rows, loaded whole (`ModelStore.load`) when the pointer
+names another version, and refreshed when the version's generation moved (the online learner
+pushes into the current version every ``push_interval_s``, and every write bumps it): only the
+weights and rows the writes since changed are read again (`ModelStore.refresh`). A server
+(``load=False``) never waits for either once a copy is held: `LoadedVersion` brings the new
+copy in on a thread and swaps it in whole; each request scores from one copy.
 
 The counts depend on the attributes (an entity such as ``user_category`` needs the item's
 category), so the pipeline reads the counts of the entities the attributes last seen for each
@@ -22,6 +25,7 @@ feature store) does not count is refused with `NotCounted` naming them.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
@@ -38,36 +42,90 @@ from learners.model import catalog_key, check_counted, make_hasher
 from learners.publish import ModelStore, ModelStoreError, VersionCopy
 from learners.sampling import recalibrate
 
+log = logging.getLogger(__name__)
+
 _UNSEEN = object()  # an item whose attributes were never read (not even as absent)
 
 
 class LoadedVersion:
     """The model version a process's scorers share: a copy is read-only once loaded, so the
     scorers of a server's threads load each (version, generation) once between them, not once
-    each (a load reads every weight and row: about a second for the default model)."""
+    each. Only the first load makes a caller wait: once a copy is loaded, a newer version or
+    generation is brought in by a thread (`ModelStore.refresh`: only what the pushes since
+    changed, about a second for the default model when the version must be read whole) while
+    the callers keep getting the copy they had, and swapped in whole, with its weights, when
+    ready. ``loads``: copies made; ``full_loads``: of them, versions read whole."""
 
     def __init__(self) -> None:
-        self.copy: VersionCopy | None = None
-        self.weights: Weights | None = None
-        self.loads = 0
-        self._lock = threading.Lock()
+        self.current: tuple[VersionCopy, Weights] | None = None  # replaced, never modified
+        self.loads = self.full_loads = 0
+        self._lock = threading.Lock()  # one load at a time
+        self._wanted: tuple[str, int | None] | None = None  # what the thread brings in
+        self._thread: threading.Thread | None = None
+        self._state = threading.Lock()  # guards _wanted and _thread
 
-    def get(self, models: ModelStore, version: str, generation: int | None, load: bool = True
+    def get(self, models: ModelStore, version: str, generation: int | None, wait: bool = True
             ) -> tuple[VersionCopy, Weights]:
-        """The copy of ``version`` at ``generation`` or later, loaded if there is none (or
-        `NotLoaded` raised, without ``load``), and its hashed models' weights."""
-        copy, weights = self.copy, self.weights
-        if not _fresh(copy, version, generation):
-            if not load:
-                raise NotLoaded(version, generation)
-            with self._lock:  # the others wait for the one load
-                copy, weights = self.copy, self.weights
-                if not _fresh(copy, version, generation):
-                    copy = models.load(version)
-                    weights = Weights(copy)
-                    self.copy, self.weights = copy, weights
-                    self.loads += 1
-        return copy, weights
+        """The copy of ``version`` at ``generation`` or later, and its hashed models' weights.
+        ``wait``: load it first if needed. Without: the copy held, however old, while a thread
+        brings in the one asked for; `NotLoaded` when none is held yet."""
+        current = self.current
+        if current is not None and _fresh(current[0], version, generation):
+            return current
+        if wait:
+            return self._update(models, version, generation)
+        if current is None:
+            raise NotLoaded(version, generation)
+        with self._state:
+            self._wanted = (version, generation)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._follow, args=(models,),
+                                                name="model-refresh", daemon=True)
+                self._thread.start()
+        return current
+
+    def settle(self, timeout: float | None = None) -> None:
+        """Wait for the thread bringing a copy in, if any, to finish."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def _follow(self, models: ModelStore) -> None:
+        """The thread: load what was asked for last, until nothing newer is asked for."""
+        done = None
+        try:
+            while True:
+                with self._state:
+                    want = self._wanted
+                    if want == done or _fresh(self.current[0], *want):
+                        self._thread = None
+                        return
+                self._update(models, *want)
+                done = want
+        except Exception:
+            log.exception("loading model version %s failed; the next request tries again",
+                          self._wanted[0])
+            with self._state:
+                self._thread = None
+
+    def _update(self, models: ModelStore, version: str, generation: int | None
+                ) -> tuple[VersionCopy, Weights]:
+        with self._lock:  # the others wait for the one load
+            current = self.current
+            if current is not None and _fresh(current[0], version, generation):
+                return current
+            if current is not None and current[0].version == version:
+                copy, changed = models.refresh(current[0])
+            else:
+                copy, changed = models.load(version), None
+            if changed is None:
+                self.full_loads += 1
+                weights = Weights(copy)
+            else:
+                weights = current[1].refreshed(copy, changed)
+            self.current = copy, weights
+            self.loads += 1
+            return self.current
 
 
 class Weights:
@@ -89,6 +147,22 @@ class Weights:
             self.tables = {m: [np.ascontiguousarray(c) for c in
                                copy.get_vectors(m, np.arange(size), d).T]
                            for m, d in (("ftrl", None), ("bopr", self.prior))}
+
+    def refreshed(self, copy: VersionCopy, changed: Mapping[str, np.ndarray]) -> Weights:
+        """The weights of ``copy``, a refresh of this one's copy that wrote the coordinates
+        ``changed`` of each model: the tables copied and those set, not read whole again."""
+        new = object.__new__(Weights)
+        new.copy, new.prior, new.tables = copy, self.prior, None
+        if self.tables is not None:
+            new.tables = dict(self.tables)
+            for m, d in (("ftrl", None), ("bopr", self.prior)):
+                keys = changed.get(m)
+                if keys is not None and len(keys):
+                    new.tables[m] = [c.copy() for c in self.tables[m]]
+                    for c, v in zip(new.tables[m], copy.get_vectors(m, keys, d).T,
+                                    strict=True):
+                        c[keys] = v
+        return new
 
     def get(self, model: str, indices: np.ndarray) -> list[np.ndarray]:
         """Each column of ``model`` ("ftrl": the weight, "bopr": mean and variance) at
@@ -153,7 +227,6 @@ class Scorer:
         entities, names = list(self.spec.entities), self.spec.feature_names()
         self._count_at = (np.array([entities.index(e) for e in self._counts[0]], np.intp),
                           np.array([names.index(n) for n in self._counts[1]], np.intp))
-        self._item_rows = {}
         self._meta = meta
         return meta
 
@@ -166,8 +239,10 @@ class Scorer:
                                   "(run the learn flow, or the daily retrain)")
         copy, self._weights = self._shared.get(self.models, pointer, generation, load)
         if copy is not self._copy:
-            self._use_meta(pointer, copy.meta)
-            self._copy, self.version = copy, pointer
+            if self._copy is None or copy.meta is not self._copy.meta:
+                self._use_meta(copy.version, copy.meta)
+            self._item_rows = {}
+            self._copy, self.version = copy, copy.version
             self.loads += 1
         return copy
 
@@ -201,7 +276,8 @@ class Scorer:
         self.features.queue_pairs(pipe, pairs)
         replies = pipe.execute()
         pointer = replies[0]
-        generation = replies[1] if kept is not None else None
+        # the generation of the version kept: only what the pointer names, if that one
+        generation = replies[1] if kept is not None and pointer == kept.encode() else None
         at = 1 + (kept is not None)
         raw = replies[at] if item_ids else []
         counts = [self.features.decode_counts(replies[at + bool(item_ids):])]
@@ -274,8 +350,10 @@ class Scorer:
     def score(self, user_id: str, item_ids: Sequence[str],
               context: Mapping | None = None, *, load: bool = True) -> list[dict]:
         """pCTR per item from FTRL, BOPR (with the spread of its score) and the embedding
-        model, in the order given. ``load=False``: raise `NotLoaded` rather than load a
-        version (about a second for the default model)."""
+        model, in the order given, from the current version at its current generation.
+        ``load=False``, as a server scores: never wait for a load; from the copy held (the
+        version `version` names, maybe a few pushes old) while a thread brings the current
+        one in, and `NotLoaded` when none is held yet."""
         pointer, generation, candidates = self._request(user_id, item_ids, context)
         copy = self._model(pointer, generation, load)
         return self._predict(copy, candidates)

@@ -135,7 +135,7 @@ def test_publish_flips_the_pointer_and_expires_the_old_version_only(store):
     v1 = published(store, 1, [1, 2], ["a"])
     v1_keys = version_keys(client, v1)
     assert [k.split(b":", 4)[4] for k in v1_keys] == [b"emb:user", b"gen", b"keys", b"layout",
-                                                      b"meta", b"w:bopr"]
+                                                      b"log", b"meta", b"w:bopr"]
     assert all(client.pttl(k) == -1 for k in v1_keys)  # published: no TTL
     v2 = store.new_version()
     assert 0 < client.pttl(f"m:{{ctr}}:v:{v2}:keys") <= DAY_MS  # unpublished: expires
@@ -153,7 +153,7 @@ def test_publish_flips_the_pointer_and_expires_the_old_version_only(store):
     store.put_vectors(v1, "late", [1], [[1]])
     store.put_blob(v1, "state", b"x")
     store.replace_rows(v1, "item", ["i"], np.ones((1, 2)), 1)
-    assert len(version_keys(client, v1)) == 9  # with its generation counter
+    assert len(version_keys(client, v1)) == 10  # with its generation counter and log
     assert all(0 < client.pttl(k) <= DAY_MS for k in version_keys(client, v1))
     listing = store.versions()
     assert [(d["version"], d["current"], d["complete"]) for d in listing] == [

@@ -12,6 +12,7 @@ import redis
 from flows.build import feature_spec, feature_store, model_settings, model_store, scorer
 from joiner.events import Impression
 from learners.model import Models
+from learners.publish import LOG_LENGTH
 from learners.scorer import LoadedVersion, NotLoaded, Weights
 from tests.integration.test_embeddings_cli import synthetic
 
@@ -157,20 +158,122 @@ def test_examples_hold_the_stores_counts_of_each_entity(setup):
     assert examples[0]["counts"]["user_category"]["imp_5m"] > 0  # written by the fixture
 
 
-def test_without_load_a_version_not_loaded_is_named_then_loaded_apart(setup):
-    """As the HTTP server scores: never loading on its event loop, but in a thread."""
+def test_without_load_only_the_first_load_is_waited_for(setup):
+    """As the HTTP server scores: the first version is named (`NotLoaded`) and loaded apart;
+    after it, a push or a new version is brought in by a thread while requests are answered
+    from the copy held, whole (the scores of one copy, and its version named)."""
     cfg, models, store, version, records = setup
-    s = scorer(cfg)
+    shared = LoadedVersion()
+    s = scorer(cfg, shared)
     with pytest.raises(NotLoaded) as e:
         s.score("u1", ["i1"], CONTEXT, load=False)
     assert e.value.version == version and s.loads == 0
     s.load(e.value.version, e.value.generation)
     check_equal(s, models, ["u1"], ["i1", "i2"])
-    s.score("u1", ["i1"], CONTEXT, load=False)
+    items = [f"i{k}" for k in range(10)]
+    before = s.score("u1", items, CONTEXT, load=False)
+    held = shared.current
     models.learn(records[400:500])
-    models.push(store, version)  # a push: the next request needs the new generation
-    with pytest.raises(NotLoaded):
-        s.score("u1", ["i1"], CONTEXT, load=False)
+    models.push(store, version)  # a push: the copy held answers until the new one is in
+    assert s.score("u1", items, CONTEXT, load=False) == before and s.version == version
+    shared.settle()
+    assert shared.current is not held and shared.current[0].version == version
+    assert shared.current[0].generation > held[0].generation
+    after = s.score("u1", items, CONTEXT, load=False)
+    assert [a["ftrl"] for a in after] != [b["ftrl"] for b in before]
+    check_equal(s, models, ["u1"], items)
+    assert shared.full_loads == 1  # the push was read incrementally
+
+    models.learn(records[500:])
+    new = models.write_version(store, "online", version)
+    store.publish(new, expected_current=version)
+    assert s.score("u1", items, CONTEXT, load=False) == after and s.version == version
+    shared.settle()
+    s.score("u1", items, CONTEXT, load=False)
+    assert s.version == new and shared.full_loads == 2
+    check_equal(s, models, ["u1", "u7"], items)
+
+
+def assert_copy_equal(got, want):
+    """Two copies of a version hold the same vectors and rows (``got`` may keep removed rows
+    in its arrays, out of its index)."""
+    assert got.version == want.version and got.meta == want.meta
+    assert got.vectors.keys() == want.vectors.keys() and got.rows.keys() == want.rows.keys()
+    for m, (coords, values) in want.vectors.items():
+        np.testing.assert_array_equal(got.vectors[m][0], coords)
+        np.testing.assert_array_equal(got.vectors[m][1], values)
+    for t, (index, _) in want.rows.items():
+        assert got.rows[t][0].keys() == index.keys()
+        ids = list(index)
+        for a, b in zip(got.get_rows(t, ids), want.get_rows(t, ids), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_pushes_are_read_incrementally_and_scores_stay_the_learners(setup, monkeypatch):
+    """Over several pushes (rows added, changed and evicted, new FTRL and BOPR coordinates,
+    the dense block), a copy refreshed from the version's log equals the version loaded
+    whole, and the scores the learner's; only the fields the pushes wrote are read."""
+    cfg, models, store, version, records = setup
+    shared = LoadedVersion()
+    s = scorer(cfg, shared)
+    items = [f"i{k}" for k in range(20)] + ["never-seen"]
+    check_equal(s, models, ["u1"], items)
+    read = []  # fields read from the version's keys
+    hmget = redis.client.Pipeline.hmget
+    monkeypatch.setattr(redis.client.Pipeline, "hmget", lambda p, key, fields, *a: (
+        read.append(len(fields)) if key.startswith(f"{store.prefix}:v:") else None,
+        hmget(p, key, fields, *a))[1])
+    for k, chunk in enumerate((records[400:430], records[430:480], records[480:600])):
+        models.learn(chunk)
+        changes = models.changes()
+        models.write(store, version, changes)
+        written = sum(len(changes[m][0]) for m in ("ftrl", "bopr")) + sum(
+            len(changes["emb"][t].ids) for t in ("user", "item"))
+        written += 0 if changes["emb"]["dense"] is None else len(changes["emb"]["dense"])
+        if k == 1:  # rows deleted, as the learner evicts them
+            deleted = list(shared.current[0].rows["item"][0])[:3]
+            store.delete_rows(version, "item", deleted)
+            store.delete_rows(version, "user", ["u1", "not-a-row"])
+            written += len(deleted) + 2
+        read.clear()
+        s.score("u1", items, CONTEXT)
+        assert 0 < sum(read) <= written
+        assert_copy_equal(shared.current[0], store.load(version))
+        if k != 1:
+            check_equal(s, models, ["u1", "u7", "nobody"], items)
+    assert shared.full_loads == 1 and shared.loads == 4
+    np.testing.assert_array_equal(shared.current[1].tables["ftrl"][0],
+                                  Weights(store.load(version)).tables["ftrl"][0])
+
+
+def test_a_reader_behind_the_log_loads_the_version_whole(setup):
+    """The log keeps the last LOG_LENGTH writes: a copy older than that is loaded whole, and
+    scores as the learner still; a write the log cannot name field by field (a table
+    replaced whole) too."""
+    cfg, models, store, version, records = setup
+    shared = LoadedVersion()
+    s = scorer(cfg, shared)
+    check_equal(s, models, ["u1"], ["i1", "i2"])
+    held = shared.current[0]
+    models.learn(records[400:500])
+    changes = models.changes()
+    models.write(store, version, changes)
+    coords, weights = changes["ftrl"]
+    for _ in range(LOG_LENGTH):  # rewrites of one weight, each a write of its own
+        store.put_vectors(version, "ftrl", coords[:1], weights[:1])
+    copy, changed = store.refresh(held)
+    assert changed is None and copy.generation > held.generation + LOG_LENGTH
+    assert_copy_equal(copy, store.load(version))
+    check_equal(s, models, ["u1", "u7"], ["i1", "i2", "i3"])
+    assert shared.full_loads == 2
+
+    p = models.emb.tables["item"].pop_dirty()
+    copy = shared.current[0]
+    store.replace_rows(version, "item", p.ids, p.vectors, p.updated_ms)
+    fresh, changed = store.refresh(copy)
+    assert changed is None and fresh.generation == copy.generation + 1
+    again, changed = store.refresh(fresh)  # nothing written since
+    assert again is fresh and changed == {}
 
 
 def test_a_hash_space_too_big_for_tables_is_read_by_search(setup, monkeypatch):
