@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from ctrstream.stack import free_port, terminate
-from flows.build import feature_spec, feature_store, scorer
+from flows.build import feature_spec, feature_store, model_store, scorer
 from tests.integration.test_embeddings_cli import CONTEXT, published_synthetic, synthetic
 from tests.netproxy import Forwarder
 
@@ -255,3 +255,26 @@ def test_two_workers_answer_as_one_server(served, tmp_path):
         terminate(proc)
     assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
     assert not metrics.parent.exists()  # the server's directory, removed on the way out
+
+
+def test_a_push_is_answered_from_the_copy_held_then_served(served):
+    """A push into the served version (here: every FTRL weight moved): /score keeps answering
+    200 from the version it names while the worker's thread brings the push in, then answers
+    with the pushed weights, as the Python API reads them. Last: it changes the model."""
+    http, cfg, _, proc = served
+    body = {"user": "u3", "items": ITEMS, "context": CONTEXT}
+    before = http.post("/score", json=body).json()
+    store = model_store(cfg)
+    version = store.current()
+    coords, values = store.load(version).vectors["ftrl"]
+    store.put_vectors(version, "ftrl", coords, values + 0.5)
+    want = {w["item_id"]: w["ftrl"] for w in scorer(cfg).score("u3", ITEMS, CONTEXT)}
+    assert {x["item_id"]: x["ftrl"] for x in before["scores"]} != pytest.approx(want)
+
+    def pushed_served() -> bool:
+        r = http.post("/score", json=body)
+        assert r.status_code == 200 and r.json()["version"] == version, r.text
+        return all(x["ftrl"] == pytest.approx(want[x["item_id"]], rel=0, abs=1e-9)
+                   for x in r.json()["scores"])
+
+    wait_until("the push served", pushed_served, proc)
