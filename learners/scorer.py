@@ -144,9 +144,15 @@ class Weights:
         self.tables = None
         if copy.meta["hash_bits"] <= self.TABLE_BITS:
             size = 1 << copy.meta["hash_bits"]
-            self.tables = {m: [np.ascontiguousarray(c) for c in
-                               copy.get_vectors(m, np.arange(size), d).T]
-                           for m, d in (("ftrl", None), ("bopr", self.prior))}
+            self.tables = {}
+            for m, d in (("ftrl", None), ("bopr", self.prior)):
+                # what get_vectors reads at every coordinate, scattered (not searched) in
+                coords, values = copy.vectors[m]
+                inside = coords < size
+                fill = np.zeros(values.shape[1]) if d is None else d
+                self.tables[m] = [np.full(size, f, values.dtype) for f in fill]
+                for column, v in zip(self.tables[m], values[inside].T, strict=True):
+                    column[coords[inside]] = v
 
     def refreshed(self, copy: VersionCopy, changed: Mapping[str, np.ndarray]) -> Weights:
         """The weights of ``copy``, a refresh of this one's copy that wrote the coordinates

@@ -242,8 +242,11 @@ def test_pushes_are_read_incrementally_and_scores_stay_the_learners(setup, monke
         if k != 1:
             check_equal(s, models, ["u1", "u7", "nobody"], items)
     assert shared.full_loads == 1 and shared.loads == 4
-    np.testing.assert_array_equal(shared.current[1].tables["ftrl"][0],
-                                  Weights(store.load(version)).tables["ftrl"][0])
+    copy, weights = shared.current  # the tables: what the copy reads at every coordinate
+    everywhere = np.arange(1 << models.hasher.bits)
+    for m, default in (("ftrl", None), ("bopr", weights.prior)):
+        np.testing.assert_array_equal(np.stack(weights.tables[m], axis=1),
+                                      copy.get_vectors(m, everywhere, default))
 
 
 def test_a_reader_behind_the_log_loads_the_version_whole(setup):
