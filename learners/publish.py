@@ -16,6 +16,8 @@ Layout (store name ``ctr``; every key carries the hash tag ``{ctr}``)::
     m:{ctr}:v:17:emb:user      hash    id (str) -> updated_ms (int64 LE) + dim x float32 LE
     m:{ctr}:v:17:blob:state    string  a learner's whole state (e.g. numpy npz bytes)
     m:{ctr}:v:17:gen           string  INCR by every write into version 17 (its generation)
+    m:{ctr}:v:17:log           stream  what each write changed, entry ID <generation>-0: k the
+                                       key, f its fields (the last LOG_LENGTH writes)
 
 Publishing: a retrain calls `new_version`, writes everything under the new namespace, writes
 the meta last, then `publish` flips the pointer in one Lua script. A reader names one version
@@ -625,6 +627,8 @@ class ModelStore:
             return self.load(version), None
         prefix, changed = self.key(version, ""), {}
         for _, entry in entries:
+            if not isinstance(entry, dict):  # a cluster's MULTI leaves the reply as a list
+                entry = dict(zip(entry[::2], entry[1::2], strict=True))
             suffix = entry[b"k"].decode().removeprefix(prefix)
             kind, _, name = suffix.partition(":")
             if kind == "blob":

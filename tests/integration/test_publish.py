@@ -382,5 +382,12 @@ def test_works_on_redis_cluster(cluster_node):
         copy = store.load(v2)  # the generation key found from the key set's name, same slot
         np.testing.assert_array_equal(copy.get_vectors("bopr", [1, 3]), [[2, 2], [0, 0]])
         assert copy.generation == int(client.get(store.generation_key(v2)))
+        store.put_vectors(v2, "bopr", [3, 1], [[4, 4], [5, 5]])  # the log, same slot too
+        store.delete_rows(v2, "user", ["a"])
+        copy, changed = store.refresh(copy)
+        np.testing.assert_array_equal(copy.get_vectors("bopr", [1, 3]), [[5, 5], [4, 4]])
+        assert not copy.get_rows("user", ["a"]).found[0]
+        assert copy.generation == int(client.get(store.generation_key(v2)))
+        np.testing.assert_array_equal(changed["bopr"], [3, 1])
     finally:
         client.close()
