@@ -12,7 +12,7 @@ import redis
 from flows.build import feature_spec, feature_store, model_settings, model_store, scorer
 from joiner.events import Impression
 from learners.model import Models
-from learners.publish import LOG_LENGTH
+from learners.publish import LOG_LENGTH, ModelStore
 from learners.scorer import LoadedVersion, NotLoaded, Weights
 from tests.integration.test_embeddings_cli import synthetic
 
@@ -299,3 +299,34 @@ def test_counts_the_vector_path_refuses_are_hashed_one_by_one(setup):
     assert examples[0]["counts"]["user"][spec.feature_names()[0]] == -3
     assert models.hasher.count_values(examples) is None
     check_equal(s, models, ["u5"], ["i1", "i2", "i3"])
+
+
+def test_a_failed_refresh_keeps_the_copy_held_logs_and_is_tried_again_later(setup, monkeypatch,
+                                                                            caplog):
+    cfg, models, store, version, records = setup
+    shared = LoadedVersion()
+    s = scorer(cfg, shared)
+    items = [f"i{k}" for k in range(10)]
+    before = s.score("u1", items, CONTEXT)
+    held = shared.current
+    models.learn(records[400:500])
+    models.push(store, version)
+    refresh = ModelStore.refresh
+
+    def broken(self, copy):
+        raise redis.ConnectionError("Redis went away")
+
+    monkeypatch.setattr(ModelStore, "refresh", broken)
+    monkeypatch.setattr(LoadedVersion, "RETRY_S", 3600)
+    assert s.score("u1", items, CONTEXT, load=False) == before
+    shared.settle()
+    assert "Redis went away" in caplog.text and shared.current is held
+    monkeypatch.setattr(ModelStore, "refresh", refresh)
+    assert s.score("u1", items, CONTEXT, load=False) == before  # not tried again yet
+    shared.settle()
+    assert shared.current is held
+    monkeypatch.setattr(LoadedVersion, "RETRY_S", 0)
+    s.score("u1", items, CONTEXT, load=False)  # the failed one's pause is over: tried again
+    shared.settle()
+    assert shared.current is not held
+    check_equal(s, models, ["u1"], items)
