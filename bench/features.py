@@ -206,8 +206,11 @@ def main() -> None:
         print(f"    {rate:>7,.0f} {f['imp_per_s']:>7,.0f} {r50:>10,.0f} {r99:>6,.0f} "
               f"{lag.max():>6,.0f}   {k50:>14,.0f} {k99:>6,.0f}   {r50 - k50:>9,.0f} "
               f"{r99 - k99:>6,.0f}   {f['cpu']:>8.2f} {rss:>11} {str(f['caught_up']):>9}")
-        thirds = " / ".join(f"{np.percentile(t, 99):,.0f}" for t in np.array_split(lag, 3))
-        print(f"    {'':>7} Redis p99 by third of the run: {thirds} ms (bounded: not growing)")
+        p99s = [np.percentile(t, 99) for t in np.array_split(lag, 3)]
+        growing = p99s[2] > 2 * max(p99s[0], 1000.0)  # the last third's tail doubled, past 1 s
+        print(f"    {'':>7} Redis p99 by third of the run: "
+              f"{' / '.join(f'{p:,.0f}' for p in p99s)} ms: "
+              f"{'GROWING (not keeping up)' if growing else 'bounded'}")
 
 
 if __name__ == "__main__":
