@@ -256,8 +256,12 @@ class PointInTimeScheduler:
             while snapshots and snapshots[0][0] <= low and (
                     next_ts is None or snapshots[0][0] <= next_ts):
                 ts, _, impression_id, ids, n = heapq.heappop(snapshots)
-                # as JSON bytes: bytewax deep-copies keyed state, and bytes copy for free
-                out.append((impression_id, n, orjson.dumps(c.snapshot_at(ts, ids)), ts))
+                # as JSON bytes: bytewax deep-copies keyed state, and bytes copy for free.
+                # Copied to its size: orjson's result keeps a 4 KB buffer for ~200 bytes, and
+                # at real time a part waits a wait window (15 min) for its example: RSS grew
+                # ~24 MB/s at 2,000 impressions/s (/tmp/wb/mem.py, tracemalloc).
+                out.append((impression_id, n,
+                            bytes(memoryview(orjson.dumps(c.snapshot_at(ts, ids)))), ts))
             if next_ts is None:
                 break
             ts, seq, kind, value = heapq.heappop(waiting)
