@@ -349,18 +349,20 @@ class FeatureStore:
     def decode_pairs(self, replies: list) -> list[Row]:
         """The rows from the replies of the reads `queue_pairs` queued (raises
         `SchemaMismatch` as `get_pairs` does)."""
+        return self._rows(self._raw_replies(replies))
+
+    def _raw_replies(self, replies: list) -> list[bytes | None]:
+        """The rows' raw values in the replies of `queue_pairs`, after checking its meta."""
         self._check_meta(*replies[0])
         self._read_due = time.monotonic() + META_CHECK_S
         if self._cluster:
-            return self._rows(replies[1:])
-        return self._rows(replies[1]) if len(replies) > 1 else []
+            return replies[1:]
+        return replies[1] if len(replies) > 1 else []
 
     def decode_counts(self, replies: list) -> np.ndarray:
         """`decode_pairs` as one int64 array [pairs, features] (``feature_names`` order), 0s
         for a missing row: for a reader that computes on the counts, not one that prints them."""
-        self._check_meta(*replies[0])
-        self._read_due = time.monotonic() + META_CHECK_S
-        raw = replies[1:] if self._cluster else replies[1] if len(replies) > 1 else []
+        raw = self._raw_replies(replies)
         rows = np.frombuffer(self._blob(raw), "<i8").reshape(len(raw), self._row_bytes // 8)
         missing = rows[:, 0] != self.schema_version
         if missing.any():
