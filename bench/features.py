@@ -94,6 +94,20 @@ def _cpu_s(pid: int) -> float:
     return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
+def _machine_busy_s() -> float:
+    """CPU-seconds the whole machine spent busy (not idle or waiting on I/O) so far."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _written_mb(pid: int) -> float:
+    """Bytes a process has had written to storage (its recovery store), MB."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("write_bytes:"):
+            return int(line.split()[1]) / 1e6
+    return 0.0
+
+
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -105,9 +119,9 @@ def freshness(rate: float, seconds: float, tmp: Path, recovery: bool = False
               ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Per-event Redis visibility lag and the tailing consumer's lag, in ms, and the flow's
     figures: the impressions/s the generator reached, the flow's CPU share of one core, its
-    RSS at a third of the run and at the end (MB), and whether it caught up within 30 s."""
+    RSS at a third, two thirds and the end of the run (MB), and whether it caught up within 30 s."""
     stack = LocalStack(tmp / "stack", free_port(), free_port())
-    stack.up()
+    pids = stack.up()
     flow = None
     stop = threading.Event()
     try:
@@ -129,12 +143,21 @@ def freshness(rate: float, seconds: float, tmp: Path, recovery: bool = False
             t.start()
         start_ms = int(time.time() * 1000)
         rss = []
-        timer = threading.Timer(seconds / 3, lambda: rss.append(_rss_mb(flow.pid)))
-        timer.start()
-        cpu0, t0 = _cpu_s(flow.pid), time.monotonic()
+        for k in (1, 2):
+            threading.Timer(seconds * k / 3, lambda: rss.append(_rss_mb(flow.pid))).start()
+        # CPU-seconds per wall second while the generator sends: of the flow, the broker,
+        # Redis, this process (the generator and the pollers) and the whole machine
+        procs = {"flow": flow.pid, "broker": pids["kafka"], "redis": pids["redis"],
+                 "generator": os.getpid()}
+        cpu0, busy0, disk0 = ({k: _cpu_s(p) for k, p in procs.items()}, _machine_busy_s(),
+                              _written_mb(flow.pid))
+        t0 = time.monotonic()
         sent = produce(cfg, StreamSpec(seed=11, duration_s=seconds, start_ms=start_ms),
                        speed=1.0)
-        cpu = (_cpu_s(flow.pid) - cpu0) / (time.monotonic() - t0)
+        elapsed = time.monotonic() - t0
+        cpu = {k: (_cpu_s(p) - cpu0[k]) / elapsed for k, p in procs.items()}
+        cpu["machine"] = (_machine_busy_s() - busy0) / elapsed
+        disk = (_written_mb(flow.pid) - disk0) / elapsed
         rss.append(_rss_mb(flow.pid))
         end_ms = start_ms + seconds * 1000
         deadline = time.monotonic() + 30
@@ -164,7 +187,7 @@ def freshness(rate: float, seconds: float, tmp: Path, recovery: bool = False
     tail = np.array(tail_lags[int(len(tail_lags) * WARMUP_S / seconds):])
     c = sent["counts"]
     return lag, tail, {"imp_per_s": c["impression_messages"] / seconds, "cpu": cpu,
-                       "rss_mb": rss, "caught_up": caught_up}
+                       "disk_mb_s": disk, "rss_mb": rss, "caught_up": caught_up}
 
 
 def main() -> None:
@@ -194,7 +217,7 @@ def main() -> None:
           "same for both) to\n    visible in Redis, next to readable by a consumer tailing "
           "`impressions`; 'added' is the difference")
     print("    flow CPU: its CPU-seconds per wall second while the generator sent; RSS MB at a "
-          "third of the run -> at its end")
+          "third -> two thirds -> the end of the run")
     print(f"    {'imp/s':>7} {'sent/s':>7} {'Redis p50':>10} {'p99':>6} {'max':>6}   "
           f"{'Kafka tail p50':>14} {'p99':>6}   {'added p50':>9} {'p99':>6}   {'flow CPU':>8}"
           f" {'RSS MB':>11} {'caught up':>9}")
@@ -205,7 +228,10 @@ def main() -> None:
         rss = " -> ".join(f"{m:,.0f}" for m in f["rss_mb"])
         print(f"    {rate:>7,.0f} {f['imp_per_s']:>7,.0f} {r50:>10,.0f} {r99:>6,.0f} "
               f"{lag.max():>6,.0f}   {k50:>14,.0f} {k99:>6,.0f}   {r50 - k50:>9,.0f} "
-              f"{r99 - k99:>6,.0f}   {f['cpu']:>8.2f} {rss:>11} {str(f['caught_up']):>9}")
+              f"{r99 - k99:>6,.0f}   {f['cpu']['flow']:>8.2f} {rss:>11} {str(f['caught_up']):>9}")
+        print(f"    {'':>7} CPU cores while sending: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in f["cpu"].items())
+              + f" of {os.cpu_count()}; the flow wrote {f['disk_mb_s']:.1f} MB/s to disk")
         p99s = [np.percentile(t, 99) for t in np.array_split(lag, 3)]
         growing = p99s[2] > 2 * max(p99s[0], 1000.0)  # the last third's tail doubled, past 1 s
         print(f"    {'':>7} Redis p99 by third of the run: "
