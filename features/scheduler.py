@@ -1,17 +1,27 @@
 """When the counters count a signal and when an impression's point-in-time counts are read,
 and which counters shard owns an entity.
 
-The join partitions send their signals (``SEEN`` impression, ``CLICKED`` (impression,
-click_ts)) and, after each batch, a ``WATERMARK`` (partition, ts): that partition has joined
-everything before ts (``DONE`` once it reached the end of its input). A `ShardRouter` in each
-partition splits them by entity: an entity belongs to one of ``shards`` shards (a stable hash
-of its name and id, the same in every process and run), each shard gets only the signals of
-its entities, and every shard gets every watermark. The signals of the partitions interleave
-in arrival order, which can run far from event time (a partition catching up reads
-impressions ahead of the clicks before them), so in each shard a `PointInTimeScheduler` holds
-them and lets them through in event-time order as the lowest partition's watermark passes
-them. Each shard then emits its part of an impression's snapshot; the impression's counts are
-the union of the parts of the shards that own its entities.
+The join partitions send their signals (``SEEN`` (impression, its offset), ``CLICKED``
+(impression, click_ts)) and, after each batch, a ``WATERMARK`` (partition, ts, replay_from):
+that partition has joined everything before ts (``DONE`` once it reached the end of its
+input), and a resume would replay its impressions from offset replay_from on. A
+`ShardRouter` in each partition splits them by entity: an entity belongs to one of
+``shards`` shards (a stable hash of its name and id, the same in every process and run),
+each shard gets only the signals of its entities, and every shard gets every watermark. The
+signals of the partitions interleave in arrival order, which can run far from event time (a
+partition catching up reads impressions ahead of the clicks before them), so in each shard a
+`PointInTimeScheduler` holds them and lets them through in event-time order as the lowest
+partition's watermark passes them. Each shard then emits its part of an impression's
+snapshot; the impression's counts are the union of the parts of the shards that own its
+entities.
+
+Recovery: a shard holds the impressions counted but not snapshotted yet (``pit_delay_ms`` of
+them at a real-time rate: 180k at 2,000/s, 60 % of its state). Like the join's queue, they
+are not in its state: on resume, the join partitions replay their impressions from the
+offsets in their own state, and send ``RESEEN`` for those of them after their watermark less
+`resend_ms`, from which each shard takes back those it held. Only the held impressions a
+replay would not resend (an offset below the partition's ``replay_from``, or a ts that far
+behind its watermark: partitions far apart) are in the state.
 """
 
 from __future__ import annotations
@@ -26,7 +36,8 @@ from features.counters import EntityCounters
 from features.spec import ID_SEPARATOR, FeatureSpec
 from joiner.join import CLICKED, SEEN
 
-WATERMARK = "watermark"  # (partition, ts): that partition has joined everything before ts
+WATERMARK = "watermark"  # (partition, ts, replay_from): see the module's docstring
+RESEEN = "reseen"  # (impression, offset): replayed on resume, counted before the crash
 DONE = 2**62  # the watermark of a partition that has reached the end of its input
 
 # [(entity, id, {feature: count}, as of ts)] for the feature store
@@ -35,6 +46,16 @@ SHARD_CACHE = 200_000  # entities whose shard a router remembers
 # (impression id, parts expected, JSON of {entity: {feature: count}}, the impression's ts): one
 # shard's part
 Part = tuple[str, int, bytes, int]
+# The scheduler's state format: 2 holds only the impressions a replay would not resend.
+STATE_FORMAT = 2
+
+
+def resend_ms(allowed_lateness_ms: int, pit_delay_ms: int) -> int:
+    """How far behind its watermark a join partition resends the impressions it replays on
+    resume (`RESEEN`), and how far behind it a shard still counts on them being resent: a
+    shard holds an impression until the lowest partition's watermark is ``pit_delay_ms``
+    past it, so partitions up to ``allowed_lateness_ms`` apart need nothing in the state."""
+    return allowed_lateness_ms + pit_delay_ms
 
 
 def shard_of(entity: str, id: str, shards: int) -> int:
@@ -68,31 +89,31 @@ class ShardRouter:
 
     ``route`` returns, for each shard with something to do, ``(shard, signals)`` (tuples
     all the way down: the garbage collector stops scanning a tuple of strings and ints, and the
-    schedulers hold these for minutes): for an
-    impression ``(SEEN, (ts, impression id, its entities in this shard, parts))``, ``parts``
-    being how many shards own its entities (an impression with no entity is sent, with none,
-    to the shard of its id: every impression gets at least one part); for a click
+    schedulers hold these for minutes): for an impression ``(SEEN, (ts, impression id, its
+    entities in this shard, parts, partition, offset))``, ``parts`` being how many shards own
+    its entities (an impression with no entity is sent, with none, to the shard of its id:
+    every impression gets at least one part), and the same for a ``RESEEN``; for a click
     ``(CLICKED, (click_ts, its entities in this shard))``; a watermark goes to every shard,
     and only when it moved.
 
     >>> from joiner.events import Impression
     >>> spec = FeatureSpec(entities={"user": ("user_id",), "item": ("item_id",)},
     ...                    windows_ms=(60_000,))
-    >>> r = ShardRouter(spec, shards=16)
+    >>> r = ShardRouter(spec, shards=16, partition=3)
     >>> imp = Impression("a", 1_000, "u1", "x", {})
-    >>> r.route([(SEEN, imp), (CLICKED, (imp, 2_000)), (WATERMARK, (0, 500))])[:2]
-    [(0, [('watermark', (0, 500))]), (1, [('watermark', (0, 500))])]
-    >>> for shard, signals in r.route([(SEEN, imp), (WATERMARK, (0, 500))]):
+    >>> r.route([(SEEN, (imp, 7)), (CLICKED, (imp, 2_000)), (WATERMARK, (3, 500, 7))])[:2]
+    [(0, [('watermark', (3, 500, 7))]), (1, [('watermark', (3, 500, 7))])]
+    >>> for shard, signals in r.route([(SEEN, (imp, 7)), (WATERMARK, (3, 500, 7))]):
     ...     print(shard, signals)
-    4 [('seen', (1000, 'a', (('user', 'u1'),), 2))]
-    12 [('seen', (1000, 'a', (('item', 'x'),), 2))]
+    4 [('seen', (1000, 'a', (('user', 'u1'),), 2, 3, 7))]
+    12 [('seen', (1000, 'a', (('item', 'x'),), 2, 3, 7))]
     """
 
-    def __init__(self, spec: FeatureSpec, shards: int) -> None:
+    def __init__(self, spec: FeatureSpec, shards: int, partition: int = 0) -> None:
         if shards < 1:
             raise ValueError(f"shards must be >= 1, got {shards}")
-        self.spec, self.shards = spec, shards
-        self.sent: dict[int, int] = {}  # partition -> the watermark last sent to every shard
+        self.spec, self.shards, self.partition = spec, shards, partition
+        self.sent: dict[int, tuple] = {}  # partition -> the watermark last sent to every shard
         # (entity, id) -> shard, for the busy entities: hashing showed in the profile. Cleared
         # when full, so it holds the recently seen ones.
         self._shard_of: dict[tuple[str, str], int] = {}
@@ -118,21 +139,23 @@ class ShardRouter:
         by_shard: dict[int, list] = {}
         entity_ids = self.spec.entity_ids
         for kind, value in signals:
-            if kind == SEEN:
-                split = self.split(entity_ids(value))
+            if kind == SEEN or kind == RESEEN:
+                imp, offset = value
+                split = self.split(entity_ids(imp))
                 if not split:
-                    split = {shard_of("", value.impression_id, self.shards): []}
-                n, ts, iid = len(split), value.ts, value.impression_id
+                    split = {shard_of("", imp.impression_id, self.shards): []}
+                n, ts, iid, part = len(split), imp.ts, imp.impression_id, self.partition
                 for k, ids in split.items():
-                    by_shard.setdefault(k, []).append((SEEN, (ts, iid, tuple(ids), n)))
+                    by_shard.setdefault(k, []).append((kind, (ts, iid, tuple(ids), n, part,
+                                                              offset)))
             elif kind == CLICKED:
                 imp, click_ts = value
                 for k, ids in self.split(entity_ids(imp)).items():
                     by_shard.setdefault(k, []).append((CLICKED, (click_ts, tuple(ids))))
             else:
-                part, wm = value
-                if self.sent.get(part) != wm:
-                    self.sent[part] = wm
+                part = value[0]
+                if self.sent.get(part) != value:
+                    self.sent[part] = value
                     for k in range(self.shards):
                         by_shard.setdefault(k, []).append((kind, value))
         return sorted(by_shard.items())
@@ -141,8 +164,8 @@ class ShardRouter:
 def _signal(kind: str, value: list) -> tuple:
     """A waiting signal's value back from JSON: entities as (entity, id) tuples."""
     if kind == SEEN:
-        ts, impression_id, ids, n = value
-        return ts, impression_id, tuple(map(tuple, ids)), n
+        ts, impression_id, ids, n, part, offset = value
+        return ts, impression_id, tuple(map(tuple, ids)), n, part, offset
     return value[0], tuple(map(tuple, value[1]))
 
 
@@ -175,7 +198,7 @@ class PointInTimeScheduler:
     ...                          pit_delay_ms=1_000)
     >>> a, b = (Impression(i, ts, "u1", "x", {}) for i, ts in (("a", 1_000), ("b", 3_000)))
     >>> [(_, signals)] = ShardRouter(spec, 1).route(
-    ...     [(SEEN, b), (CLICKED, (a, 2_000)), (SEEN, a), (WATERMARK, (0, 2_000))])
+    ...     [(SEEN, (b, 0)), (CLICKED, (a, 2_000)), (SEEN, (a, 1)), (WATERMARK, (0, 2_000))])
     >>> s.push(signals)  # a's part (of 1): the watermark is pit_delay_ms past it
     [('a', 1, b'{"user":{"imp_1m":0,"clk_1m":0}}', 1000)]
     >>> s.rows()  # counted up to lateness - delay past the watermark: all three, as of 3 s
@@ -193,12 +216,24 @@ class PointInTimeScheduler:
         self.pit_delay_ms = pit_delay_ms
         self.lead_ms = allowed_lateness_ms - pit_delay_ms
         self.watermarks: dict[int, int] = {}
+        self.replay_from: dict[int, int] = {}  # partition -> where its replay would start
+        self.resend_ms = resend_ms(allowed_lateness_ms, pit_delay_ms)
         self.waiting: list[tuple] = []  # heap of (ts, seq, kind, value), not yet counted
-        # heap of (ts, seq, impression id, its entities, parts): counted, no snapshot yet. At
-        # a real time rate it holds pit_delay_ms of impressions (180k at 2,000/s), so it is
-        # kept small and its state is JSON: a pickle of 180k entries holding the impressions
-        # took 1,942 ms an epoch, JSON of the ids 92 ms (bench/features_core.py [4]).
+        # heap of (ts, seq, impression id, its entities, parts, partition, offset): counted,
+        # no snapshot yet. At a real time rate it holds pit_delay_ms of impressions (180k at
+        # 2,000/s), so it is kept small, and only those a replay would not resend are in the
+        # state, as JSON (see `_keep`).
         self.snapshots: list[tuple] = []
+        # partition -> (offset, ts): its held impressions with an offset below or a ts at or
+        # below these are in the state (from the last state() on); the others are resent
+        self.kept_below: dict[int, tuple[int, int]] = {}
+        # partition -> (offset, ts) at most the least of its held impressions not kept
+        self._floor: dict[int, tuple[int, int]] = {}
+        self._resumed: tuple | None = None  # (snapped_to, counted_to, kept_below) resumed
+        # After a resume, the partitions whose first batch (their RESEEN, then a watermark)
+        # has not come yet: until it has, nothing is counted or snapshotted, or another
+        # partition's watermark could take a resent impression's snapshot late (from tiles).
+        self._awaiting: set[int] = set()
         self.seq = 0
         self.newest = 0  # the newest event time counted: rows are as of it
         self.changed: set[tuple[str, str]] = set()  # entities whose row is not written yet
@@ -210,6 +245,11 @@ class PointInTimeScheduler:
         self._chunks: dict[str, list[tuple[int, bytes]]] = {"waiting": [], "snapshots": []}
         self._new: dict[str, list[tuple]] = {"waiting": [], "snapshots": []}
         if resume is not None:
+            if resume.get("format") != STATE_FORMAT:
+                raise ValueError("the recovery store holds the counters' scheduler in another "
+                                 f"format (format {STATE_FORMAT} leaves out the impressions a "
+                                 "replay resends): let the join flow that wrote it finish, or "
+                                 "start from a new recovery store")
             self.counters.restore(resume["counters"])
             for name in ("watermarks", "seq", "newest", "counted_to", "snapped_to"):
                 setattr(self, name, resume[name])
@@ -221,11 +261,17 @@ class PointInTimeScheduler:
             for blob in resume["snapshots"]:
                 entries = orjson.loads(blob)
                 self._chunks["snapshots"].append((max(e[0] for e in entries), blob))
-                self.snapshots += [(ts, seq, iid, tuple(map(tuple, ids)), n)
-                                   for ts, seq, iid, ids, n in entries if ts > self.snapped_to]
+                self.snapshots += [(ts, seq, iid, tuple(map(tuple, ids)), *rest)
+                                   for ts, seq, iid, ids, *rest in entries
+                                   if ts > self.snapped_to]
             heapq.heapify(self.waiting)
             heapq.heapify(self.snapshots)
-            self.changed = set(map(tuple, resume.get("changed", ())))
+            self.changed = set(map(tuple, resume["changed"]))
+            self.replay_from = {int(k): v for k, v in resume["replay_from"].items()}
+            self.kept_below = {int(k): tuple(v) for k, v in resume["kept_below"].items()}
+            self._resumed = (self.snapped_to, self.counted_to, dict(self.kept_below))
+            self._awaiting = {p for p, rf in self.replay_from.items()  # those that resend
+                              if rf < DONE and self.watermarks.get(p, DONE) < DONE}
 
     def push(self, *batches: list) -> list[Part]:
         """Take batches of ``(kind, value)`` signals (see `ShardRouter`); returns this shard's
@@ -233,19 +279,27 @@ class PointInTimeScheduler:
         stale) pile up for `rows`."""
         waiting, snapshots, c = self.waiting, self.snapshots, self.counters
         seq, watermarks = self.seq, self.watermarks
-        new_waiting, new_snapshots = self._new["waiting"], self._new["snapshots"]
+        new_waiting = self._new["waiting"]
         for kind, value in chain.from_iterable(batches):
             if kind == WATERMARK:
-                part, wm = value
+                # (partition, ts, replay_from); without replay_from, the partition will not
+                # resend: all its held impressions go in the state
+                part, wm, *rf = value
                 if wm > watermarks.get(part, wm - 1):
                     watermarks[part] = wm
+                self.replay_from[part] = rf[0] if rf else DONE
+                self._awaiting.discard(part)
+                continue
+            if kind == RESEEN:
+                self._take_back(value, seq)
+                seq += 1
                 continue
             entry = (value[0], seq, kind, value)
             heapq.heappush(waiting, entry)
             new_waiting.append(entry)
             seq += 1
         self.seq = seq
-        if len(watermarks) < self.partitions:
+        if len(watermarks) < self.partitions or self._awaiting:
             return []
         low = min(watermarks.values())
         limit, out = low + self.lead_ms, []
@@ -255,7 +309,7 @@ class PointInTimeScheduler:
             next_ts = waiting[0][0] if waiting and waiting[0][0] <= limit else None
             while snapshots and snapshots[0][0] <= low and (
                     next_ts is None or snapshots[0][0] <= next_ts):
-                ts, _, impression_id, ids, n = heapq.heappop(snapshots)
+                ts, _, impression_id, ids, n, _, _ = heapq.heappop(snapshots)
                 # as JSON bytes: bytewax deep-copies keyed state, and bytes copy for free.
                 # Copied to its size: orjson's result keeps a 4 KB buffer for ~200 bytes, and
                 # at real time a part waits a wait window (15 min) for its example: RSS grew
@@ -266,11 +320,9 @@ class PointInTimeScheduler:
                 break
             ts, seq, kind, value = heapq.heappop(waiting)
             if kind == SEEN:
-                _, impression_id, ids, n = value
+                _, impression_id, ids, n, part, offset = value
                 c.count_ids(ts, ids)
-                entry = (ts, seq, impression_id, ids, n)
-                heapq.heappush(snapshots, entry)
-                new_snapshots.append(entry)
+                self._hold((ts, seq, impression_id, ids, n, part, offset))
             else:
                 c.click_ids(ts, value[1])
             if ts > newest:
@@ -279,6 +331,57 @@ class PointInTimeScheduler:
         self.counted_to, self.snapped_to = limit, low
         self.changed |= c.touched()
         return out
+
+    def _hold(self, entry: tuple) -> None:
+        """Hold a counted impression until its snapshot: in the next state() if a replay would
+        not resend it (see `kept_below`), else only here."""
+        heapq.heappush(self.snapshots, entry)
+        ts, part, offset = entry[0], entry[5], entry[6]
+        below, at_or_before = self.kept_below.get(part, (-DONE, -DONE))
+        if offset < below or ts <= at_or_before:
+            self._new["snapshots"].append(entry)
+        else:
+            low_offset, low_ts = self._floor.get(part, (DONE, DONE))
+            self._floor[part] = (min(low_offset, offset), min(low_ts, ts))
+
+    def _take_back(self, value: tuple, seq: int) -> None:
+        """A `RESEEN` impression: held again if it was held and left out of the state."""
+        if self._resumed is None:
+            return
+        ts, impression_id, ids, n, part, offset = value
+        snapped_to, counted_to, kept_below = self._resumed
+        below, at_or_before = kept_below.get(part, (DONE, DONE))
+        if snapped_to < ts <= counted_to and offset >= below and ts > at_or_before:
+            self._hold((ts, seq, impression_id, ids, n, part, offset))
+
+    def _keep(self) -> None:
+        """Bring `kept_below` up to each partition's replay_from and watermark less
+        `resend_ms`: the held impressions this leaves out of a replay go in the state (a
+        pass over them only when `_floor` says there may be one)."""
+        moved = {}
+        for part, wm in self.watermarks.items():
+            now = (self.replay_from.get(part, DONE), wm - self.resend_ms)
+            if now != self.kept_below.get(part):
+                moved[part] = now
+        low = {p: self._floor.get(p, (DONE, DONE)) for p in moved}
+        scan = {p: now for p, now in moved.items()
+                if low[p][0] < now[0] or low[p][1] <= now[1]}
+        if scan:
+            new, floor = self._new["snapshots"], {p: (DONE, DONE) for p in scan}
+            for e in self.snapshots:
+                part = e[5]
+                if part not in scan:
+                    continue
+                below, at_or_before = scan[part]
+                if e[6] < below or e[0] <= at_or_before:  # not resent now
+                    was = self.kept_below.get(part, (-DONE, -DONE))
+                    if not (e[6] < was[0] or e[0] <= was[1]):  # and not kept yet
+                        new.append(e)
+                else:
+                    f = floor[part]
+                    floor[part] = (min(f[0], e[6]), min(f[1], e[0]))
+            self._floor.update(floor)
+        self.kept_below.update(moved)
 
     def rows(self) -> Rows:
         """The rows of the entities changed (or gone stale) since the last call, as of the
@@ -298,9 +401,13 @@ class PointInTimeScheduler:
 
     def state(self) -> dict:
         """A picklable copy to pass back as ``resume``. It is taken every epoch: the held
-        signals and impressions (on a backlog, most of the input, waiting for the slowest
-        partition) are JSON chunks, each encoded once (see ``counted_to``)."""
-        return {"counters": self.counters.state(), "watermarks": self.watermarks,
+        signals and the held impressions a replay would not resend (on a backlog, most of the
+        input, waiting for the slowest partition) are JSON chunks, each encoded once (see
+        ``counted_to``)."""
+        self._keep()
+        return {"format": STATE_FORMAT, "counters": self.counters.state(),
+                "watermarks": self.watermarks, "replay_from": self.replay_from,
+                "kept_below": self.kept_below,
                 "waiting": self._encoded("waiting", self.counted_to),
                 "snapshots": self._encoded("snapshots", self.snapped_to),
                 "counted_to": self.counted_to, "snapped_to": self.snapped_to,

@@ -21,7 +21,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from features.scheduler import DONE, WATERMARK, ShardRouter
+from features.scheduler import DONE, RESEEN, WATERMARK, ShardRouter, resend_ms
 from flows import features_ops as fo
 from flows import metrics
 from flows.build import feature_spec, wait_window_joiner
@@ -57,8 +57,9 @@ class _JoinPartition(StatefulSourcePartition):
         self.cfg, self.part, self.until_eof = cfg, part, until_eof
         self.topics = {cfg.kafka.impressions_topic: IMPRESSIONS, cfg.kafka.clicks_topic: CLICKS}
         self.joiner = wait_window_joiner(cfg, f"p{part}", signals=cfg.features.enabled)
-        self.router = (ShardRouter(feature_spec(cfg), cfg.features.shards)
+        self.router = (ShardRouter(feature_spec(cfg), cfg.features.shards, part)
                        if cfg.features.enabled else None)
+        self.resent: list = []  # RESEEN signals of the replay on resume, sent with the first batch
         self.shard_keys = fo.shard_keys(cfg.features.shards)
         self.consumer = Consumer(cfg.kafka_client(**{
             "group.id": f"ctrstream-join-{part}", **LOW_LATENCY_CONSUMER}))
@@ -105,15 +106,25 @@ class _JoinPartition(StatefulSourcePartition):
         t0 = time.monotonic()
         (imp_lo, clk_lo), hi = snap["replay_from"], snap["next_offset"]
         self.joiner.start_rebuild(snap)
+        # The counters shards left out of their state the impressions they held that this
+        # replay resends: those after the watermark less resend_ms (features/scheduler.py).
+        f = self.cfg.features
+        after = snap["watermark"] - resend_ms(f.allowed_lateness_ms, f.pit_delay_ms)
+
+        def rebuild_impression(raw: bytes, offset: int) -> None:
+            imp = self.joiner.rebuild_impression(raw, offset)
+            if imp is not None and self.router is not None and imp.ts > after:
+                self.resent.append((RESEEN, (imp, offset)))
+
         n_imp = self._replay(self.cfg.kafka.impressions_topic, imp_lo, hi[IMPRESSIONS],
-                             self.joiner.rebuild_impression)
+                             rebuild_impression)
         n_clk = self._replay(self.cfg.kafka.clicks_topic, clk_lo, hi[CLICKS],
                              self.joiner.rebuild_click)
         self.joiner.finish_rebuild()
         log.info("join p%d: resumed from snapshot, replayed %d impressions and %d clicks in "
-                 "%.1f s (%d pending, %d remembered)", self.part, n_imp, n_clk,
-                 time.monotonic() - t0, self.joiner.q.pending_count,
-                 len(self.joiner.q) - self.joiner.q.pending_count)
+                 "%.1f s (%d pending, %d remembered, %d resent to the counters)", self.part,
+                 n_imp, n_clk, time.monotonic() - t0, self.joiner.q.pending_count,
+                 len(self.joiner.q) - self.joiner.q.pending_count, len(self.resent))
 
     def next_batch(self) -> list:
         if self.done:
@@ -147,8 +158,11 @@ class _JoinPartition(StatefulSourcePartition):
         if j.signals:
             # Everything before the watermark has been joined here: the counters may apply
             # this partition's signals up to it (all of them once it is done).
-            signals = [(kind, value) for kind, _, value in out if kind in (SEEN, CLICKED)]
-            signals.append((WATERMARK, (self.part, DONE if self.done else j.watermark)))
+            signals = self.resent + [(kind, value) for kind, _, value in out
+                                     if kind in (SEEN, CLICKED)]
+            self.resent = []
+            signals.append((WATERMARK, (self.part, DONE if self.done else j.watermark,
+                                        j.replay_from()[0])))
             keys = self.shard_keys
             records += [(keys[k], (k, sig)) for k, sig in self.router.route(signals)]
             # examples: one record per attach cell (key: (impression id, ts)), not per example

@@ -50,7 +50,7 @@ CLICKS = "clicks"
 EXAMPLE = "example"  # value: JSON bytes of the labeled example; key (id, ts) with signals on
 LATE_CLICK = "late_click"  # value: JSON bytes of the correction record
 DEAD_LETTER = "dead_letter"  # value: dict(stream, offset, reason, raw[:MAX_DEAD_RAW_BYTES])
-SEEN = "seen"  # value: Impression (signal for real-time count features)
+SEEN = "seen"  # value: (Impression, its offset) (signal for real-time count features)
 CLICKED = "clicked"  # value: (Impression, click_ts)
 
 NO_KEY = object()  # on_impression/on_click called without the message's key: not checked
@@ -212,7 +212,7 @@ class WaitWindowJoiner:
         self._make_room(out)
         seq = self.q.push(imp.impression_id, imp.ts, payload, offset, self.next_offset[CLICKS])
         if self.signals:
-            out.append((SEEN, imp.impression_id, imp))
+            out.append((SEEN, imp.impression_id, (imp, offset)))
         held = self._held.pop(imp.impression_id, None)
         if held:
             self._held_n -= len(held)
@@ -423,20 +423,22 @@ class WaitWindowJoiner:
         self._skip_imp = set(snap["skip_imp"])
         self._skip_clk = set(snap["skip_clk"])
 
-    def rebuild_impression(self, raw: bytes, offset: int) -> None:
-        """Replay one impression below the snapshot's position: state only, nothing counted."""
+    def rebuild_impression(self, raw: bytes, offset: int) -> Impression | None:
+        """Replay one impression below the snapshot's position: state only, nothing counted.
+        Returns it when it is back in the queue: one the first pass sent a `SEEN` for."""
         snap = self._rebuild
         if offset in self._skip_imp or offset >= snap["next_offset"][IMPRESSIONS]:
-            return
+            return None
         try:
             imp, payload = parse_impression_payload(raw)
         except BadEvent:
-            return  # dead-lettered the first time
+            return None  # dead-lettered the first time
         if self.q.lookup(imp.impression_id) is not None:
-            return
+            return None
         self.q.push(imp.impression_id, imp.ts, payload, offset, self._rebuild_clk_pos)
         if offset < snap["pending_from"]:
             self.q.pop_pending()
+        return imp
 
     def rebuild_click(self, raw: bytes, offset: int) -> None:
         if offset in self._skip_clk or offset >= self._rebuild["next_offset"][CLICKS]:
