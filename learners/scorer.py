@@ -464,8 +464,6 @@ class Candidates(NamedTuple):
                                              strict=True)]
 
 
-
-
 def _own_or_fallback(rows) -> np.ndarray:
     """Rows were read in (own, fallback) pairs: the own row where it exists."""
     vec = rows.vectors.reshape(-1, 2, rows.vectors.shape[1])
