@@ -236,15 +236,18 @@ def test_pit_delay_must_fit_in_the_lateness():
         PointInTimeScheduler(SPEC, 1, allowed_lateness_ms=SEC, pit_delay_ms=2 * SEC)
 
 
-def sharded_run(batches, shards, stop=None):
+def sharded_run(batches, shards, stop=None, epochs=False):
     """The batches through a router and one scheduler per shard: {impression: [(shard, n,
-    part)]}, and the schedulers."""
+    part)]}, and the schedulers. ``epochs``: each one's state() taken after every batch."""
     ss = [scheduler(partitions=2) for _ in range(shards)]
     parts: dict = {}
     for b in batches[:stop]:
         for k, signals in routed(b, shards):
             for iid, n, part, _ in ss[k].push(signals):
                 parts.setdefault(iid, []).append((k, n, part))
+        if epochs:
+            for s in ss:
+                s.state()
     return parts, ss
 
 
@@ -332,13 +335,8 @@ def test_held_impressions_a_replay_resends_are_left_out_of_the_state():
         for shards in (1, 4):
             straight, _ = sharded_run(batches, shards)
             for stop in range(len(batches) // 6, len(batches) - 2, len(batches) // 6):
-                ss = [scheduler(partitions=2) for _ in range(shards)]
-                before: dict = {}
-                for b in batches[:stop]:
-                    for k, signals in routed(b, shards):
-                        for iid, n, part, _ in ss[k].push(signals):
-                            before.setdefault(iid, []).append((k, n, part))
-                    states = [pickle.loads(pickle.dumps(s.state())) for s in ss]
+                before, ss = sharded_run(batches, shards, stop, epochs=True)
+                states = [pickle.loads(pickle.dumps(s.state())) for s in ss]
                 resumed = [scheduler(partitions=2, resume=st) for st in states]
                 n_kept = sum(len(r.snapshots) for r in resumed)
                 kept[horizon] = kept.get(horizon, 0) + n_kept
