@@ -40,6 +40,7 @@ sys.path.append(str(ROOT / "bench"))
 import features_core  # noqa: E402
 import features_store  # noqa: E402
 
+from bench.procstat import cpu_s, machine_busy_s, rss_mb, written_mb  # noqa: E402
 from ctrstream.produce import produce  # noqa: E402
 from ctrstream.simulator import StreamSpec  # noqa: E402
 from ctrstream.stack import LocalStack, create_topics, free_port  # noqa: E402
@@ -88,33 +89,6 @@ def _poll_visible(cfg: Config, stop: threading.Event, obs: list) -> None:
         time.sleep(POLL_S)
 
 
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a live process and its waited-for children."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-
-
-def _machine_busy_s() -> float:
-    """CPU-seconds the whole machine spent busy (not idle or waiting on I/O) so far."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def _written_mb(pid: int) -> float:
-    """Bytes a process has had written to storage (its recovery store), MB."""
-    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-        if line.startswith("write_bytes:"):
-            return int(line.split()[1]) / 1e6
-    return 0.0
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def freshness(rate: float, seconds: float, tmp: Path, recovery: bool = False
               ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Per-event Redis visibility lag and the tailing consumer's lag, in ms, and the flow's
@@ -144,21 +118,21 @@ def freshness(rate: float, seconds: float, tmp: Path, recovery: bool = False
         start_ms = int(time.time() * 1000)
         rss = []
         for k in (1, 2):
-            threading.Timer(seconds * k / 3, lambda: rss.append(_rss_mb(flow.pid))).start()
+            threading.Timer(seconds * k / 3, lambda: rss.append(rss_mb(flow.pid))).start()
         # CPU-seconds per wall second while the generator sends: of the flow, the broker,
         # Redis, this process (the generator and the pollers) and the whole machine
         procs = {"flow": flow.pid, "broker": pids["kafka"], "redis": pids["redis"],
                  "generator": os.getpid()}
-        cpu0, busy0, disk0 = ({k: _cpu_s(p) for k, p in procs.items()}, _machine_busy_s(),
-                              _written_mb(flow.pid))
+        cpu0, busy0, disk0 = ({k: cpu_s(p) for k, p in procs.items()}, machine_busy_s(),
+                              written_mb(flow.pid))
         t0 = time.monotonic()
         sent = produce(cfg, StreamSpec(seed=11, duration_s=seconds, start_ms=start_ms),
                        speed=1.0)
         elapsed = time.monotonic() - t0
-        cpu = {k: (_cpu_s(p) - cpu0[k]) / elapsed for k, p in procs.items()}
-        cpu["machine"] = (_machine_busy_s() - busy0) / elapsed
-        disk = (_written_mb(flow.pid) - disk0) / elapsed
-        rss.append(_rss_mb(flow.pid))
+        cpu = {k: (cpu_s(p) - cpu0[k]) / elapsed for k, p in procs.items()}
+        cpu["machine"] = (machine_busy_s() - busy0) / elapsed
+        disk = (written_mb(flow.pid) - disk0) / elapsed
+        rss.append(rss_mb(flow.pid))
         end_ms = start_ms + seconds * 1000
         deadline = time.monotonic() + 30
         while (not obs or obs[-1][1] < end_ms - 2000) and time.monotonic() < deadline:

@@ -50,6 +50,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.features_store import make_rows, read_peers, used_memory, write_hash  # noqa: E402
+from bench.procstat import tree_cpu_s  # noqa: E402
 from ctrstream.stack import Component, free_port, terminate  # noqa: E402
 from flows.build import (  # noqa: E402
     feature_spec,
@@ -125,17 +126,6 @@ def refresh_cpu(cfg: Config, models: Models, version: str, chunks: list[list[dic
               f"min {min(t) * 1000:7.1f}  max {max(t) * 1000:7.1f} ms of CPU")
     return {"push_full_cpu_ms": float(np.median(full)) * 1000,
             "push_refresh_cpu_ms": float(np.median(incr)) * 1000}
-
-
-def cpu_s(pid: int) -> float:
-    """CPU-seconds (user + system) of a process and of its descendants alive."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except FileNotFoundError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + \
-        sum(cpu_s(int(k)) for k in kids)
 
 
 class Pusher(threading.Thread):
@@ -363,9 +353,9 @@ def main(argv: list[str] | None = None) -> None:
                 pusher = Pusher(cfg, models, version, chunks, args.push_interval)
                 if label == "pushing":
                     pusher.start()
-                c0 = cpu_s(proc.pid)
+                c0 = tree_cpu_s(proc.pid)
                 r = score_load(16, args.push_seconds)
-                r["cpu_ms"] = (cpu_s(proc.pid) - c0) * 1000 / max(r["n"], 1)
+                r["cpu_ms"] = (tree_cpu_s(proc.pid) - c0) * 1000 / max(r["n"], 1)
                 pusher.stop.set()
                 if label == "pushing":
                     pusher.join()
