@@ -162,7 +162,7 @@ class _JoinPartition(StatefulSourcePartition):
                                      if kind in (SEEN, CLICKED)]
             self.resent = []
             signals.append((WATERMARK, (self.part, DONE if self.done else j.watermark,
-                                        j.replay_from()[0])))
+                                        j.impressions_replay_from())))
             keys = self.shard_keys
             records += [(keys[k], (k, sig)) for k, sig in self.router.route(signals)]
             # examples: one record per attach cell (key: (impression id, ts)), not per example

@@ -393,8 +393,13 @@ class WaitWindowJoiner:
         q = self.q
         if len(q) == 0:
             return self.next_offset[IMPRESSIONS], self.next_offset[CLICKS]
-        clk = min([q.click_pos(q.head), *self._lowered.values()])
-        return q.offset(q.head), clk
+        return self.impressions_replay_from(), min([q.click_pos(q.head),
+                                                    *self._lowered.values()])
+
+    def impressions_replay_from(self) -> int:
+        """`replay_from`'s impression offset alone (cheap: sent with every batch's watermark)."""
+        q = self.q
+        return q.offset(q.head) if len(q) else self.next_offset[IMPRESSIONS]
 
     def snapshot(self) -> dict:
         imp_lo, clk_lo = self.replay_from()
