@@ -84,6 +84,10 @@ class JoinConfig:
     idle_timeout_s: float = 30.0
     capacity: int = 5_000_000
     held_clicks_capacity: int = 100_000
+    # A partition's reader pauses the input stream whose newest event is this far (event
+    # time) ahead of the other's while the other has more to read, so a backlog is read in
+    # step and not one stream first (joiner/join.py held_back). 0: never pause.
+    align_ms: int = 5 * 60_000
     max_future_ms: int = 60 * 60_000
     max_past_ms: int = 30 * 86_400_000
     batch_size: int = 1000

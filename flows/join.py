@@ -76,6 +76,8 @@ class _JoinPartition(StatefulSourcePartition):
             imp_at, clk_at = resume["next_offset"][IMPRESSIONS], resume["next_offset"][CLICKS]
         self.consumer.assign([TopicPartition(cfg.kafka.impressions_topic, part, imp_at),
                               TopicPartition(cfg.kafka.clicks_topic, part, clk_at)])
+        self.held: str | None = None  # the input stream paused to keep the two in step
+        self.pauses = 0
 
     def _replay(self, topic: str, start: int, stop: int, apply) -> int:
         """Feed messages [start, stop) of one topic-partition to ``apply(raw, offset)``."""
@@ -150,6 +152,7 @@ class _JoinPartition(StatefulSourcePartition):
             self.on_message(self.topics[topic], msg.value(), msg.offset(), now, out, wall_ms,
                             msg.key())
         self.events_since_log += len(msgs)
+        self._align()
         j.advance(now, out)
         if self.until_eof and len(self.eof) == 2:
             j.flush(out)
@@ -171,6 +174,21 @@ class _JoinPartition(StatefulSourcePartition):
         if self.done or now - self.last_log >= cfg.join.log_interval_s:
             self._report(now)
         return records + [self._record(r) for r in out]
+
+    def _align(self) -> None:
+        """Pause (or resume) an input stream as the joiner's `held_back` says. librdkafka
+        drops what it fetched ahead for a paused partition and fetches on from the next
+        offset not consumed when it resumes: nothing is skipped or read twice."""
+        held = self.joiner.held_back(self.cfg.join.align_ms, self.held)
+        if held == self.held:
+            return
+        topic = {s: t for t, s in self.topics.items()}
+        if self.held is not None:
+            self.consumer.resume([TopicPartition(topic[self.held], self.part)])
+        if held is not None:
+            self.consumer.pause([TopicPartition(topic[held], self.part)])
+            self.pauses += 1
+        self.held = held
 
     def next_awake(self) -> datetime | None:
         return self.awake
@@ -196,18 +214,19 @@ class _JoinPartition(StatefulSourcePartition):
 
     def _report(self, now: float) -> None:
         j = self.joiner
-        stats = {**j.stats(), "partition": self.part,
+        stats = {**j.stats(), "partition": self.part, "input_pauses": self.pauses,
                  "watermark_lag_ms": max(j.max_ts.values()) - j.watermark,
                  "reconcile_errors": j.reconcile()}
         rate = self.events_since_log / max(now - self.last_log, 1e-9)
         log.info("join p%d: %.0f ev/s, pending %d, held %d, watermark lag %.1f s, "
-                 "emitted %d, joined %d, late %d, orphan %d, dup %d/%d, dead %d/%d%s",
+                 "emitted %d, joined %d, late %d, orphan %d, dup %d/%d, dead %d/%d%s%s",
                  self.part, rate, stats["pending"], stats["held"],
                  stats["watermark_lag_ms"] / 1000, stats["impressions_emitted"],
                  stats["clicks_joined"], stats["clicks_late"], stats["clicks_orphan"],
                  stats["impressions_duplicate"], stats["clicks_duplicate"],
                  stats["impressions_dead"], stats["clicks_dead"],
-                 ", QUARANTINED" if stats["quarantined"] else "")
+                 ", QUARANTINED" if stats["quarantined"] else "",
+                 f", {self.held} paused (ahead in event time)" if self.held else "")
         metrics.write_json(self.stats_path, stats)
         lag = {}
         for topic, stream in self.topics.items():

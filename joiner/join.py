@@ -331,6 +331,38 @@ class WaitWindowJoiner:
         if self._quiet_since[stream] is None:
             self._quiet_since[stream] = now
 
+    def held_back(self, align_ms: int, held: str | None = None) -> str | None:
+        """The stream its reader should pause so the two are read in event-time step: the one
+        whose newest event is more than ``align_ms`` past the other's while the other has
+        more to read (not `caught_up`); one ``held`` now is let go once it is within
+        ``align_ms / 2``, or the other caught up. None: read both (``align_ms`` 0: always).
+
+        The watermark is the lower of the two, so on a backlog a reader that drains one
+        stream first (Kafka clients fetch a partition's messages in bulk) would hold every
+        impression of the backlog pending until the clicks come (or close them early, past
+        ``capacity``), and hold clicks read ahead of their impressions up to
+        ``held_clicks_capacity``; in step, pending stays about a wait window of impressions.
+
+        >>> j = WaitWindowJoiner(window_ms=1000, idle_timeout_s=60, idle_needs_caught_up=True)
+        >>> j.max_ts.update({IMPRESSIONS: 900_000, CLICKS: 100_000})
+        >>> j.held_back(300_000), j.held_back(300_000, IMPRESSIONS)
+        ('impressions', 'impressions')
+        >>> j.max_ts[CLICKS] = 800_000  # within half of align_ms: let go
+        >>> j.held_back(300_000, IMPRESSIONS), j.held_back(0)
+        (None, None)
+        >>> j.max_ts[CLICKS] = 100_000; j.caught_up(CLICKS, 0.0)  # nothing more to wait for
+        >>> j.held_back(300_000, IMPRESSIONS) is None
+        True
+        """
+        if align_ms <= 0:
+            return None
+        for stream, other in ((IMPRESSIONS, CLICKS), (CLICKS, IMPRESSIONS)):
+            gap = self.max_ts[stream] - self.max_ts[other]
+            if self._quiet_since[other] is None and gap > (
+                    align_ms // 2 if held == stream else align_ms):
+                return stream
+        return None
+
     def current_watermark(self, now: float) -> int:
         if self._start_wall is None:
             self._start_wall = now

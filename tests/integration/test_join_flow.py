@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 from ctrstream.produce import produce
+from ctrstream.report import read_jsonl
 from ctrstream.simulator import Faults, StreamSpec, expected_labels, read_truth
 from features.spec import window_label
 from flows.build import feature_store
@@ -96,6 +97,28 @@ def test_join_flow_labels_and_counters_match_ground_truth(fresh_topics, tmp_path
     assert len(dead) == faults["malformed_impressions"] + faults["malformed_clicks"]
     assert all(orjson.loads(m.value())["reason"] for m in dead)
     check_counts_against_recount(cfg, examples, truth)
+
+
+def test_a_backlog_beyond_the_joiners_capacity_is_read_in_step_and_joined_exactly(
+        fresh_topics, tmp_path):
+    # The consumer fetches a partition's impressions in bulk: read one stream first, the
+    # watermark (the lower of the two) would stay put while the whole backlog of impressions
+    # waits for its clicks, past `capacity`, and be closed early with wrong labels. Paused
+    # while it is join.align_ms ahead, a partition holds about a wait window (10 min here,
+    # ~3,000 impressions at 20/s over 4 partitions) plus align_ms.
+    cfg = join_config(fresh_topics, tmp_path).replace(
+        features={"enabled": False}, join={"capacity": 6_000, "align_ms": 60_000})
+    produce(cfg, StreamSpec(seed=5, impressions=40_000), truth_dir=tmp_path / "truth")
+    run_flow(cfg, "join", until_eof=True, recovery=False)
+
+    check_against_truth(cfg, read_topics(cfg, [cfg.kafka.examples_topic]),
+                        read_truth(tmp_path / "truth"))
+    s = join_stats(cfg)
+    assert s["impressions_closed_early"] == s["clicks_held_evicted"] == 0
+    assert s["input_pauses"] > 0  # this broker hands out a backlog one stream first
+    peak = max(line["pending"] for p in range(cfg.kafka.partitions)
+               for line in read_jsonl(Path(cfg.data_dir) / "join" / f"history-p{p}.jsonl"))
+    assert peak < 6_000, peak
 
 
 def _recounter(truth):
