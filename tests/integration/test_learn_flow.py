@@ -29,7 +29,7 @@ from tests.integration.test_join_flow import flow_log, flow_process, run_to_end
 
 pytestmark = pytest.mark.integration
 
-IMPRESSIONS = 40_000
+IMPRESSIONS = 60_000
 
 
 def learn_config(cfg, tmp_path: Path):
