@@ -56,6 +56,7 @@ class _JoinPartition(StatefulSourcePartition):
     def __init__(self, cfg: Config, part: int, resume: dict | None, until_eof: bool) -> None:
         self.cfg, self.part, self.until_eof = cfg, part, until_eof
         self.topics = {cfg.kafka.impressions_topic: IMPRESSIONS, cfg.kafka.clicks_topic: CLICKS}
+        self.topic_of = {stream: topic for topic, stream in self.topics.items()}
         self.joiner = wait_window_joiner(cfg, f"p{part}", signals=cfg.features.enabled)
         self.router = (ShardRouter(feature_spec(cfg), cfg.features.shards, part)
                        if cfg.features.enabled else None)
@@ -182,11 +183,10 @@ class _JoinPartition(StatefulSourcePartition):
         held = self.joiner.held_back(self.cfg.join.align_ms, self.held)
         if held == self.held:
             return
-        topic = {s: t for t, s in self.topics.items()}
         if self.held is not None:
-            self.consumer.resume([TopicPartition(topic[self.held], self.part)])
+            self.consumer.resume([TopicPartition(self.topic_of[self.held], self.part)])
         if held is not None:
-            self.consumer.pause([TopicPartition(topic[held], self.part)])
+            self.consumer.pause([TopicPartition(self.topic_of[held], self.part)])
             self.pauses += 1
         self.held = held
 
@@ -233,7 +233,7 @@ class _JoinPartition(StatefulSourcePartition):
             n = metrics.consumer_lag(self.consumer, topic, self.part, j.next_offset[stream])
             if n is not None:
                 lag[topic] = n
-        behind = metrics.join_report(self.cfg, self.part, {s: t for t, s in self.topics.items()},
+        behind = metrics.join_report(self.cfg, self.part, self.topic_of,
                                      stats, lag, now)
         metrics.append_history(self.history_path,
                                {**stats, "consumer_lag": lag, "input_behind": behind})
